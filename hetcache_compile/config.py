@@ -1,0 +1,122 @@
+"""``HetCacheConfig``: every option of the backend, validated, with presets.
+
+>>> from hetcache_compile import HetCacheConfig
+>>> HetCacheConfig.from_options({"preset": "fast"}).threshold
+0.3
+>>> HetCacheConfig.from_options({"schedule": "FFRF"}).schedule
+'FFRF'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+# Public TeaCache polynomial for Wan2.1 T2V-1.3B on the timestep embedding ("ret_steps" mode):
+# maps the raw relative L1 change of the modulation tensor to an estimate of the output change.
+RESCALE_POLYNOMIALS: dict[str, tuple[float, ...]] = {
+    "wan2.1-1.3b": (-5.21862437e04, 9.23041404e03, -5.28275948e02, 1.36987616e01, -4.99875664e-02),
+}
+
+INNER_BACKENDS = ("inductor", "aot_eager", "eager")
+SCHEDULE_MODES = ("adaptive", "full")
+_FIXED_SCHEDULE = re.compile(r"^F[FR]*$")
+
+PRESETS: dict[str, dict[str, object]] = {
+    # threshold: accumulated modulation change below which a step reuses the cached residual.
+    "quality": {"threshold": 0.1, "max_consecutive_reuse": 1},
+    "balanced": {"threshold": 0.2, "max_consecutive_reuse": 2},
+    "fast": {"threshold": 0.3, "max_consecutive_reuse": 3},
+}
+
+
+@dataclass(frozen=True)
+class HetCacheConfig:
+    """Options of ``torch.compile(m, backend="hetcache", options={...})``.
+
+    Attributes:
+        preset: ``"quality"``, ``"balanced"`` (default) or ``"fast"``; sets ``threshold`` and
+            ``max_consecutive_reuse`` unless those are given explicitly.
+        schedule: ``"adaptive"`` (classify each call from the timestep modulation), ``"full"``
+            (never skip: for verification), or a fixed string with one letter per call of a CFG
+            branch, ``F`` full or ``R`` reuse, starting with ``F``; its last letter repeats.
+        threshold: adaptive schedule: reuse while the accumulated relative L1 change of the
+            modulation tensor since the last computed step stays below it.
+        warmup_steps: the first calls of every run are always full.
+        refresh_interval: every n-th computed step is full (matters once partial steps exist).
+        max_consecutive_reuse: cap on reuse steps in a row.
+        num_steps: number of calls per branch in a run, if known: the last one is then full.
+        rescale: name in ``RESCALE_POLYNOMIALS`` or polynomial coefficients (highest power
+            first) applied to each relative change before accumulating; ``None`` for identity.
+        inner_backend: compiler for each variant: ``"inductor"``, ``"aot_eager"`` or ``"eager"``.
+        max_branches: CFG branches (distinct text conditionings) kept at once; the least
+            recently used is dropped beyond it, which bounds cache memory.
+    """
+
+    preset: str = "balanced"
+    schedule: str = "adaptive"
+    threshold: float = field(default=PRESETS["balanced"]["threshold"])
+    warmup_steps: int = 2
+    refresh_interval: int = 5
+    max_consecutive_reuse: int = field(default=PRESETS["balanced"]["max_consecutive_reuse"])
+    num_steps: int | None = None
+    rescale: str | tuple[float, ...] | None = None
+    inner_backend: str = "inductor"
+    max_branches: int = 4
+
+    def __post_init__(self) -> None:
+        _require(self.preset in PRESETS, "preset", self.preset, f"one of {sorted(PRESETS)}")
+        valid_schedule = self.schedule in SCHEDULE_MODES or bool(_FIXED_SCHEDULE.match(self.schedule))
+        _require(valid_schedule, "schedule", self.schedule,
+                 "'adaptive', 'full' or a string of F/R letters starting with F, e.g. 'FFRFRR'")
+        _require(_is_number(self.threshold) and self.threshold > 0, "threshold", self.threshold, "a number > 0")
+        for name, minimum in (("warmup_steps", 1), ("refresh_interval", 1), ("max_consecutive_reuse", 0),
+                              ("max_branches", 1)):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
+                     name, value, f"an integer >= {minimum}")
+        _require(self.num_steps is None or (isinstance(self.num_steps, int) and self.num_steps >= 1),
+                 "num_steps", self.num_steps, "None or an integer >= 1")
+        _require(self.inner_backend in INNER_BACKENDS, "inner_backend", self.inner_backend,
+                 f"one of {list(INNER_BACKENDS)}")
+        rescale_ok = (
+            self.rescale is None
+            or self.rescale in RESCALE_POLYNOMIALS
+            or (isinstance(self.rescale, tuple | list) and len(self.rescale) > 0
+                and all(_is_number(c) for c in self.rescale))
+        )
+        _require(rescale_ok, "rescale", self.rescale,
+                 f"None, one of {sorted(RESCALE_POLYNOMIALS)} or a sequence of polynomial coefficients")
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, object] | None) -> HetCacheConfig:
+        """Build a config from ``torch.compile``'s ``options``; unknown keys raise ``ValueError``."""
+        options = dict(options or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"hetcache: unknown option {unknown[0]!r}; allowed options: {sorted(known)}")
+        preset = options.get("preset", "balanced")
+        _require(preset in PRESETS, "preset", preset, f"one of {sorted(PRESETS)}")
+        merged = {**PRESETS[preset], **options}
+        if isinstance(merged.get("rescale"), list):
+            merged["rescale"] = tuple(merged["rescale"])
+        return cls(**merged)
+
+    def rescale_coefficients(self) -> tuple[float, ...] | None:
+        if self.rescale is None:
+            return None
+        if isinstance(self.rescale, str):
+            return RESCALE_POLYNOMIALS[self.rescale]
+        return tuple(float(c) for c in self.rescale)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _require(ok: bool, key: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"hetcache: option {key!r} got {value!r}; allowed: {allowed}")

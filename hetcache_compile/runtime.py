@@ -1,0 +1,215 @@
+"""The runtime: the callable the backend hands back to Dynamo.
+
+Per call it (1) finds the CFG branch, (2) starts a new run when the timestep went up or a
+conditioning input changed, (3) runs the probe and asks the branch's scheduler for the step
+kind, (4) calls that variant inside a ``hetcache::<kind>`` profiler range, and (5) keeps the
+stack residual of computed steps for the reuse steps after them. All step state lives here,
+never in the compiled graphs, so no value of it can cause a recompilation.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from .config import HetCacheConfig
+from .passes import GraphAnalysis, Variants
+from .passes.graph_utils import placeholders
+from .schedule import StepKind, StepScheduler, make_scheduler
+from .stats import BranchStats
+
+logger = logging.getLogger("hetcache_compile")
+
+DUMP_ENV = "HETCACHE_DUMP_GRAPHS"
+
+# Runtimes alive now, so that ``stats(model)`` & co. can find a model's runtimes by its
+# parameters. Filled when a graph is compiled, never at import time; entries vanish with Dynamo's cache.
+LIVE_RUNTIMES: weakref.WeakSet = weakref.WeakSet()
+
+
+class CompiledVariant:
+    """A variant graph compiled by the inner backend on first use (once), timed."""
+
+    def __init__(self, name: str, gm: fx.GraphModule, inner_backend: str):
+        self.name = name
+        self.gm = gm
+        self.inner_backend = inner_backend
+        self.compiled: Callable | None = None
+        self.compile_seconds = 0.0
+        self.compile_count = 0
+
+    def __call__(self, *args):
+        if self.compiled is None:
+            self._compile(args)
+        return self.compiled(*args)
+
+    def _compile(self, args: Sequence[object]) -> None:
+        _maybe_dump(self.name, self.gm)
+        start = time.perf_counter()
+        compiler = torch._dynamo.lookup_backend(self.inner_backend)
+        # Inductor takes ownership of the graph it is given and may mutate it.
+        self.compiled = compiler(_fresh_copy(self.gm), list(args))
+        self.compile_seconds += time.perf_counter() - start
+        self.compile_count += 1
+        logger.info("compiled %s variant with %s in %.1f s", self.name, self.inner_backend, self.compile_seconds)
+
+
+def _fresh_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    from .passes.graph_utils import copy_graph_module
+
+    return copy_graph_module(gm)
+
+
+def _maybe_dump(name: str, gm: fx.GraphModule) -> None:
+    folder = os.environ.get(DUMP_ENV)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"{name}_{id(gm):x}.py")
+        with open(path, "w") as handle:
+            handle.write(gm.code)
+        logger.info("wrote %s variant to %s", name, path)
+
+
+@dataclass
+class BranchState:
+    """Everything one CFG branch remembers between calls."""
+
+    scheduler: StepScheduler
+    stats: BranchStats
+    residual: torch.Tensor | None = None
+    last_timestep: float | None = None
+    conditioning: tuple | None = None
+    extra: dict = field(default_factory=dict)
+
+    def reset(self) -> None:
+        self.scheduler.reset()
+        self.residual = None
+        self.last_timestep = None
+        self.stats.history = []
+        self.stats.cache_bytes = 0
+
+
+def fingerprint(tensor: torch.Tensor) -> tuple:
+    """Cheap content key of a tensor: shape, dtype and two reductions (one host sync)."""
+    values = tensor.detach().float()
+    sums = torch.stack([values.sum(), values.abs().sum()]).tolist()
+    return tuple(tensor.shape), str(tensor.dtype), tuple(round(v, 4) for v in sums)
+
+
+class HetCacheRuntime:
+    """Dispatches each call of one Dynamo graph to its full or reuse variant.
+
+    Not thread-safe: one denoising loop at a time, as in diffusers pipelines.
+    """
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[object], analysis: GraphAnalysis,
+                 variants: Variants, config: HetCacheConfig):
+        self.config = config
+        self.analysis = analysis
+        self.report = analysis.report()
+        self.fallback_reason: str | None = None
+        names = [n.name for n in placeholders(gm.graph)]
+        index = {name: i for i, name in enumerate(names)}
+        self.parameter_ids = frozenset(id(x) for x in example_inputs if isinstance(x, torch.nn.Parameter))
+        self.text_index = [index[n] for n in analysis.text_inputs]
+        self.timestep_index = index[analysis.modulation.timestep_input] if analysis.modulation else None
+        self.conditioning_index = _conditioning_indices(gm, analysis, index)
+        self.full = CompiledVariant("full", variants.full, config.inner_backend)
+        self.reuse = CompiledVariant("reuse", variants.reuse, config.inner_backend)
+        self.probe = variants.probe
+        self.branches: OrderedDict[tuple, BranchState] = OrderedDict()
+        self.finished: list[BranchStats] = []  # stats of evicted branches, kept for totals
+        LIVE_RUNTIMES.add(self)
+
+    # -- public surface used by api.py ------------------------------------------------------
+    def variants(self) -> list[CompiledVariant]:
+        return [self.full, self.reuse]
+
+    def branch_stats(self) -> list[BranchStats]:
+        return self.finished + [state.stats for state in self.branches.values()]
+
+    def reset(self) -> None:
+        """Forget all caches; the next call of every branch is the first of a new run."""
+        for state in self.branches.values():
+            state.reset()
+
+    # -- the call path ------------------------------------------------------------------------
+    def __call__(self, *args):
+        state = self._branch(args)
+        self._maybe_start_new_run(state, args)
+        modulation = self._run_probe(args) if self.config.schedule == "adaptive" else None
+        kind = state.scheduler.next_kind(modulation)
+        if kind is StepKind.PARTIAL:  # token-level partial steps are not built yet
+            kind = StepKind.FULL
+        if kind is StepKind.REUSE and state.residual is None:
+            kind = StepKind.FULL
+        with torch.profiler.record_function(f"hetcache::{kind.value}"):
+            if kind is StepKind.REUSE:
+                outputs = self.reuse(*args, state.residual)
+            else:
+                *outputs, state.residual = self.full(*args)
+                state.stats.cache_bytes = state.residual.numel() * state.residual.element_size()
+        state.stats.record(kind.value)
+        logger.debug("branch %s call %d: %s", state.stats.name, state.scheduler.calls, kind.value)
+        return tuple(outputs) if not isinstance(outputs, tuple) else outputs
+
+    def _run_probe(self, args: Sequence[object]) -> torch.Tensor:
+        with torch.profiler.record_function("hetcache::probe"):
+            return self.probe(*args)[0]
+
+    def _branch(self, args: Sequence[object]) -> BranchState:
+        key = tuple(fingerprint(args[i]) for i in self.text_index)
+        state = self.branches.get(key)
+        if state is None:
+            state = self._new_branch(key)
+        self.branches.move_to_end(key)
+        return state
+
+    def _new_branch(self, key: tuple) -> BranchState:
+        if len(self.branches) >= self.config.max_branches:
+            _, evicted = self.branches.popitem(last=False)
+            logger.info("dropping the caches of branch %s (max_branches=%d)",
+                        evicted.stats.name, self.config.max_branches)
+            evicted.reset()
+            self.finished.append(evicted.stats)
+        names = ("cond", "uncond")
+        count = len(self.branches) + len(self.finished)
+        name = names[count] if count < len(names) else f"branch{count}"
+        state = BranchState(scheduler=make_scheduler(self.config), stats=BranchStats(name))
+        self.branches[key] = state
+        return state
+
+    def _maybe_start_new_run(self, state: BranchState, args: Sequence[object]) -> None:
+        timestep = float(args[self.timestep_index].flatten()[0]) if self.timestep_index is not None else None
+        conditioning = tuple(fingerprint(args[i]) for i in self.conditioning_index)
+        went_up = timestep is not None and state.last_timestep is not None and timestep > state.last_timestep
+        changed = state.conditioning is not None and conditioning != state.conditioning
+        first = state.scheduler.calls == 0
+        if went_up or changed:
+            why = "timestep went up" if went_up else "a conditioning input changed"
+            logger.info("branch %s: new run (%s)", state.stats.name, why)
+            state.reset()
+        if first or went_up or changed:
+            state.stats.runs += 1
+        state.last_timestep = timestep
+        state.conditioning = conditioning
+
+
+def _conditioning_indices(gm: fx.GraphModule, analysis: GraphAnalysis, index: dict[str, int]) -> list[int]:
+    """User inputs that stay fixed through a run (e.g. VACE's control video): a change means a new video."""
+    from .passes.graph_utils import ancestors
+
+    by_name = {n.name: n for n in gm.graph.nodes}
+    stream_sources = {n.name for n in ancestors([by_name[analysis.region.stream_input]]) if n.op == "placeholder"}
+    skip = stream_sources | set(analysis.text_inputs)
+    if analysis.modulation is not None:
+        skip.add(analysis.modulation.timestep_input)
+    return [index[name] for name in analysis.user_inputs if name not in skip]

@@ -1,0 +1,70 @@
+"""What ``hetcache_compile.stats(model)`` returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+STEP_KINDS = ("full", "partial", "reuse")
+
+
+def _empty_steps() -> dict[str, int]:
+    return dict.fromkeys(STEP_KINDS, 0)
+
+
+@dataclass
+class BranchStats:
+    """One CFG branch (``"cond"``, ``"uncond"``, ...): its calls by kind, in this run and in total."""
+
+    name: str
+    steps: dict[str, int] = field(default_factory=_empty_steps)
+    history: list[str] = field(default_factory=list)  # kinds of the current run, in call order
+    runs: int = 0
+    cache_bytes: int = 0
+
+    def record(self, kind: str) -> None:
+        self.steps[kind] += 1
+        self.history.append(kind)
+
+
+@dataclass
+class HetCacheStats:
+    """Totals over every compiled graph of a model and every branch.
+
+    ``steps["full"|"partial"|"reuse"]`` counts transformer calls of each kind, summed over
+    branches; ``branches`` has the per-branch detail; ``compile_seconds`` maps variant name to
+    the seconds its inner compilation took; ``fallback_reasons`` lists why graphs were left to
+    plain Inductor (empty when every graph was rewritten).
+    """
+
+    steps: dict[str, int] = field(default_factory=_empty_steps)
+    branches: dict[str, BranchStats] = field(default_factory=dict)
+    compile_seconds: dict[str, float] = field(default_factory=dict)
+    compile_counts: dict[str, int] = field(default_factory=dict)
+    cache_bytes: int = 0
+    fallback_reasons: list[str] = field(default_factory=list)
+    graphs: int = 0
+
+    @property
+    def calls(self) -> int:
+        return sum(self.steps.values())
+
+    @property
+    def fallback_reason(self) -> str | None:
+        return self.fallback_reasons[0] if self.fallback_reasons else None
+
+    def merge_branch(self, branch: BranchStats) -> None:
+        total = self.branches.setdefault(branch.name, BranchStats(branch.name))
+        total.steps = {kind: total.steps[kind] + branch.steps[kind] for kind in STEP_KINDS}
+        total.history = total.history + branch.history
+        total.runs += branch.runs
+        total.cache_bytes += branch.cache_bytes
+        for kind in STEP_KINDS:
+            self.steps[kind] += branch.steps[kind]
+        self.cache_bytes += branch.cache_bytes
+
+    def summary(self) -> str:
+        parts = [f"{kind}={self.steps[kind]}" for kind in STEP_KINDS]
+        text = f"hetcache: {self.calls} calls ({', '.join(parts)}), cache {self.cache_bytes / 2**20:.1f} MiB"
+        if self.fallback_reasons:
+            text += f"; fell back: {self.fallback_reasons[0]}"
+        return text

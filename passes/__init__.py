@@ -1,0 +1,32 @@
+"""FX passes of hetcache_compile: graph analyses and rewrites, no runtime state.
+
+Installed as ``hetcache_compile.passes``. Entry points: ``analyze`` and ``build_variants``
+(see ``pipeline``); each pass lives in its own module with its contract in the docstring.
+"""
+
+from .attention import AttentionSite, find_attention_sites
+from .errors import PassFailed, RewriteRefused
+from .pipeline import GraphAnalysis, Variants, analyze, build_variants
+from .probe import ModulationSignal, extract_probe, find_modulation
+from .record import build_full_variant
+from .reuse import RESIDUAL_INPUT, build_reuse_variant
+from .token_region import TokenRegion, find_token_region
+
+__all__ = [
+    "AttentionSite",
+    "GraphAnalysis",
+    "ModulationSignal",
+    "PassFailed",
+    "RESIDUAL_INPUT",
+    "RewriteRefused",
+    "TokenRegion",
+    "Variants",
+    "analyze",
+    "build_full_variant",
+    "build_reuse_variant",
+    "build_variants",
+    "extract_probe",
+    "find_attention_sites",
+    "find_modulation",
+    "find_token_region",
+]

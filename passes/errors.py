@@ -1,0 +1,17 @@
+"""Errors raised by the passes."""
+
+
+class RewriteRefused(Exception):
+    """The graph cannot be rewritten safely; the message is a one-line reason for the user.
+
+    The backend catches it, warns once and compiles the graph unchanged (plain Inductor).
+    """
+
+
+class PassFailed(RuntimeError):
+    """A pass produced a graph that failed verification: a bug in hetcache_compile, not in the model."""
+
+    def __init__(self, pass_name: str, cause: BaseException):
+        super().__init__(f"hetcache pass '{pass_name}' failed: {type(cause).__name__}: {cause}")
+        self.pass_name = pass_name
+        self.cause = cause

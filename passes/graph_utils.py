@@ -1,0 +1,167 @@
+"""Small helpers shared by the passes: module paths, placeholder roles, copying, pruning.
+
+Nothing here knows about runtime state; every function is pure with respect to its inputs
+except where a docstring says it edits the graph it is given.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+import re
+from collections.abc import Iterable
+
+import torch
+import torch.fx as fx
+
+_DYNAMO_MODULE_PREFIX = re.compile(r"^L\['self'\]\.?")
+_DICT_MODULES = re.compile(r"__dict__\['_modules'\]\['([^']+)'\]")
+_BLOCK_PATH = re.compile(r"^(?P<stack>[A-Za-z_][\w.]*?)\.(?P<index>\d+)$")
+
+
+def normalize_module_path(raw: str) -> str:
+    """Turn Dynamo's ``L['self'].__dict__['_modules']['blocks'].0.attn1`` into ``blocks.0.attn1``."""
+    path = _DICT_MODULES.sub(r"\1", raw)
+    path = _DYNAMO_MODULE_PREFIX.sub("", path)
+    path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    return path.strip(".")
+
+
+def module_paths(node: fx.Node) -> list[str]:
+    """Normalized owning-module paths of ``node``, outermost first (empty for top-level code)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return [normalize_module_path(path) for path, _ in stack.values()]
+
+
+def owning_block(node: fx.Node) -> str | None:
+    """The outermost ``<stack>.<index>`` module that owns ``node`` (e.g. ``vace_blocks.3``)."""
+    for path in module_paths(node):
+        if _BLOCK_PATH.match(path):
+            return path
+    return None
+
+
+def split_block_path(block: str) -> tuple[str, int]:
+    """``"blocks.12"`` -> ``("blocks", 12)``."""
+    match = _BLOCK_PATH.match(block)
+    if match is None:
+        raise ValueError(f"{block!r} is not a '<stack>.<index>' block path")
+    return match["stack"], int(match["index"])
+
+
+def example_value(node: fx.Node):
+    """The example (usually fake) value Dynamo recorded for ``node``, or None."""
+    return node.meta.get("example_value", node.meta.get("val"))
+
+
+def tensor_shape(node: fx.Node) -> tuple[int, ...] | None:
+    value = example_value(node)
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape)
+    return None
+
+
+def is_state_placeholder(node: fx.Node, example: object) -> bool:
+    """True for placeholders that carry module parameters or buffers rather than user inputs."""
+    if isinstance(example, torch.nn.Parameter):
+        return True
+    return node.name.startswith("l_self_") or "_buffers_" in node.name or "_parameters_" in node.name
+
+
+def placeholders(graph: fx.Graph) -> list[fx.Node]:
+    return [node for node in graph.nodes if node.op == "placeholder"]
+
+
+def output_node(graph: fx.Graph) -> fx.Node:
+    return next(node for node in reversed(graph.nodes) if node.op == "output")
+
+
+_METADATA_ONLY_METHODS = {"new_zeros", "new_ones", "new_empty", "new_full"}
+_METADATA_ONLY_FUNCTIONS = {torch.empty_like, torch.zeros_like, torch.ones_like}
+
+
+def data_inputs(node: fx.Node) -> list[fx.Node]:
+    """Inputs whose *values* ``node`` reads (``x.type_as(y)`` reads only y's dtype, so not y)."""
+    if node.op == "call_method" and node.target == "type_as":
+        return [node.args[0]] if isinstance(node.args[0], fx.Node) else []
+    if node.op == "call_method" and node.target in _METADATA_ONLY_METHODS:
+        return []
+    if node.op == "call_function" and node.target in _METADATA_ONLY_FUNCTIONS:
+        return []
+    return node.all_input_nodes
+
+
+def ancestors(nodes: Iterable[fx.Node], values_only: bool = False) -> set[fx.Node]:
+    """All nodes that ``nodes`` depend on, the nodes themselves included.
+
+    With ``values_only`` an edge counts only when the value is read (see ``data_inputs``).
+    """
+    seen: set[fx.Node] = set()
+    stack = list(nodes)
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        stack.extend(data_inputs(node) if values_only else node.all_input_nodes)
+    return seen
+
+
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A deep copy whose nodes keep their names and ``meta``; the input is never touched."""
+    return copy.deepcopy(gm)
+
+
+def _mutated_argument(node: fx.Node) -> fx.Node | None:
+    """The tensor an in-place node writes into, or None when ``node`` is not a known mutation."""
+    if node.op == "call_function" and node.target is operator.setitem:
+        target = node.args[0]
+    elif node.op == "call_method" and isinstance(node.target, str) and node.target.endswith("_") \
+            and not node.target.startswith("_"):
+        target = node.args[0]
+    elif node.op == "call_function" and getattr(node.target, "__name__", "").endswith("_") \
+            and node.args and isinstance(node.args[0], fx.Node) and node.target is not getattr:
+        target = node.args[0]
+    else:
+        return None
+    return target if isinstance(target, fx.Node) else None
+
+
+def prune_dead_nodes(graph: fx.Graph) -> int:
+    """Delete nodes nothing live depends on; edits ``graph`` in place and returns how many went.
+
+    Unlike ``Graph.eliminate_dead_code`` this understands in-place writes into tensors that
+    are themselves dead (Wan's RoPE writes with ``out[..., 0::2] = ...``), which FX keeps
+    forever because ``operator.setitem`` is marked side-effectful.
+    """
+    live: set[fx.Node] = set()
+    changed = True
+    while changed:
+        changed = False
+        for node in reversed(graph.nodes):
+            if node in live:
+                continue
+            mutated = _mutated_argument(node)
+            needed = (
+                node.op in ("output", "placeholder")
+                or any(user in live for user in node.users)
+                or (mutated is not None and mutated in live)
+                or (mutated is None and node.op != "get_attr" and node.is_impure())
+            )
+            if needed:
+                live.add(node)
+                changed = True
+    removed = 0
+    for node in reversed(list(graph.nodes)):
+        if node not in live:
+            graph.erase_node(node)  # users are dead too and were erased first (reverse order)
+            removed += 1
+    return removed
+
+
+def finalize(gm: fx.GraphModule) -> fx.GraphModule:
+    """Lint and recompile: the last step of every rewrite."""
+    gm.graph.lint()
+    gm.recompile()
+    return gm

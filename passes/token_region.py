@@ -1,0 +1,125 @@
+"""Find the token region: the block stack between patch embedding and output head.
+
+Contract: ``find_token_region(gm)`` reads ``gm`` and returns a ``TokenRegion`` or raises
+``RewriteRefused`` with a one-line reason. The region starts at the first node owned by a
+repeated block (a module path ``<stack>.<index>``, e.g. ``vace_blocks.0`` or ``blocks.0``) and
+ends at its *exit*: the output of the last block of the main stack, followed through the
+top-level residual additions that come right after it (Wan VACE adds its control hints there).
+
+The region must be a clean subgraph for the reuse rewrite to be exact: only the exit may be used
+after it, and the main token stream must enter it as a single tensor shaped like the exit.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from .errors import RewriteRefused
+from .graph_utils import owning_block, split_block_path, tensor_shape
+
+_ADD_TARGETS = (operator.add, torch.add, operator.iadd)
+
+
+@dataclass(frozen=True)
+class TokenRegion:
+    """Where the block stack lives in the graph (all nodes named, never held)."""
+
+    stacks: tuple[tuple[str, int], ...]  # (stack name, number of blocks), in graph order
+    main_stack: str
+    nodes: frozenset[str]
+    entry: str  # first node of the region
+    exit: str  # the only region value used after the region
+    stream_input: str  # main token stream entering the region
+    inputs: tuple[str, ...]  # every value defined before the region and used inside it
+    exit_shape: tuple[int, ...]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.exit_shape[1]
+
+
+def _block_output(nodes: list[fx.Node], block: str) -> fx.Node:
+    owned = {n for n in nodes if owning_block(n) == block}
+    escaping = [n for n in owned if any(u not in owned for u in n.users)]
+    tensors = [n for n in escaping if tensor_shape(n) is not None and len(tensor_shape(n)) == 3]
+    if len(tensors) != 1:
+        names = ", ".join(sorted(n.name for n in escaping)) or "nothing"
+        raise RewriteRefused(f"block {block} does not return exactly one token tensor (escaping: {names})")
+    return tensors[0]
+
+
+def _follow_residual_adds(node: fx.Node) -> fx.Node:
+    """Walk through top-level ``x + hint`` additions that directly follow the last block."""
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        is_add = user.op == "call_function" and user.target in _ADD_TARGETS
+        if not is_add or owning_block(user) is not None or tensor_shape(user) != tensor_shape(node):
+            break
+        node = user
+    return node
+
+
+def _depends_on_region(node: fx.Node, region: set[fx.Node]) -> bool:
+    return any(arg in region for arg in node.all_input_nodes)
+
+
+def find_token_region(gm: fx.GraphModule) -> TokenRegion:
+    nodes = list(gm.graph.nodes)
+    position = {n: i for i, n in enumerate(nodes)}
+    block_nodes = [n for n in nodes if owning_block(n) is not None and n.op != "placeholder"]
+    if not block_nodes:
+        raise RewriteRefused("no repeated transformer blocks ('<stack>.<index>' modules) in the graph")
+
+    stacks: dict[str, set[int]] = {}
+    for node in block_nodes:
+        stack, index = split_block_path(owning_block(node))
+        stacks.setdefault(stack, set()).add(index)
+    last_block = owning_block(block_nodes[-1])
+    main_stack, _ = split_block_path(last_block)
+
+    exit_node = _follow_residual_adds(_block_output(nodes, last_block))
+    start, stop = position[block_nodes[0]], position[exit_node]
+    region: set[fx.Node] = set()
+    for node in nodes[start : stop + 1]:
+        if owning_block(node) is not None or _depends_on_region(node, region):
+            region.add(node)
+
+    for node in region:
+        if node is exit_node:
+            continue
+        outside = [u for u in node.users if u not in region]
+        if outside:
+            raise RewriteRefused(
+                f"'{node.name}' inside the block stack is also used after it (by '{outside[0].name}'); "
+                "only the final hidden states may leave the stack"
+            )
+
+    inputs = sorted({a for n in region for a in n.all_input_nodes if a not in region}, key=position.get)
+    first_main = f"{main_stack}.{min(stacks[main_stack])}"
+    exit_shape = tensor_shape(exit_node)
+    stream_candidates = [
+        a for a in inputs
+        if tensor_shape(a) == exit_shape and any(owning_block(u) == first_main for u in a.users)
+    ]
+    if len(stream_candidates) != 1:
+        raise RewriteRefused(
+            f"cannot tell which input of {first_main} is the token stream "
+            f"(candidates: {[a.name for a in stream_candidates]})"
+        )
+
+    ordered_stacks = sorted(stacks, key=lambda s: min(position[n] for n in block_nodes
+                                                       if split_block_path(owning_block(n))[0] == s))
+    return TokenRegion(
+        stacks=tuple((s, len(stacks[s])) for s in ordered_stacks),
+        main_stack=main_stack,
+        nodes=frozenset(n.name for n in region),
+        entry=block_nodes[0].name,
+        exit=exit_node.name,
+        stream_input=stream_candidates[0].name,
+        inputs=tuple(a.name for a in inputs),
+        exit_shape=exit_shape,
+    )

@@ -1,0 +1,65 @@
+"""Tiny random-weight diffusers components shared by the tests, the demo and the benchmarks."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanVACEPipeline, WanVACETransformer3DModel
+
+
+def tiny_vace_transformer(num_layers: int = 4, vace_layers=(0, 2), heads: int = 2, head_dim: int = 12,
+                          text_dim: int = 32, ffn_dim: int = 32, seed: int = 0) -> WanVACETransformer3DModel:
+    torch.manual_seed(seed)
+    model = WanVACETransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=16,
+        out_channels=16, text_dim=text_dim, freq_dim=32, ffn_dim=ffn_dim, num_layers=num_layers,
+        cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+        vace_layers=list(vace_layers), vace_in_channels=96,
+    )
+    return model.eval()
+
+
+def tiny_vae(seed: int = 0) -> AutoencoderKLWan:
+    torch.manual_seed(seed)
+    return AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                            temperal_downsample=[False, True, True]).eval()
+
+
+def tiny_vace_pipeline(transformer: WanVACETransformer3DModel | None = None) -> WanVACEPipeline:
+    return WanVACEPipeline(
+        tokenizer=None, text_encoder=None, vae=tiny_vae(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
+        transformer=transformer if transformer is not None else tiny_vace_transformer(),
+    )
+
+
+def transformer_inputs(batch: int = 1, frames: int = 3, height: int = 8, width: int = 8, text_len: int = 5,
+                       text_dim: int = 32, seed: int = 1) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "hidden_states": torch.randn(batch, 16, frames, height, width, generator=generator),
+        "timestep": torch.full((batch,), 500.0),
+        "encoder_hidden_states": torch.randn(batch, text_len, text_dim, generator=generator),
+        "control_hidden_states": torch.randn(batch, 96, frames, height, width, generator=generator),
+    }
+
+
+def edit_inputs(frames: int = 9, height: int = 32, width: int = 32, text_len: int = 5, text_dim: int = 32,
+                seed: int = 0) -> dict:
+    """A masked video edit for ``WanVACEPipeline``: random video, a centred box mask, text embeddings."""
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(seed)
+    pixels = (torch.rand(frames, height, width, 3, generator=generator) * 255).to(torch.uint8).numpy()
+    video = [Image.fromarray(frame) for frame in pixels]
+    mask_array = torch.zeros(height, width, dtype=torch.uint8)
+    mask_array[height // 4: 3 * height // 4, width // 4: 3 * width // 4] = 255
+    mask = [Image.fromarray(mask_array.numpy()) for _ in range(frames)]
+    return {
+        "video": video,
+        "mask": mask,
+        "prompt_embeds": torch.randn(1, text_len, text_dim, generator=generator),
+        "negative_prompt_embeds": torch.randn(1, text_len, text_dim, generator=generator),
+        "height": height,
+        "width": width,
+        "num_frames": frames,
+    }
