@@ -1,0 +1,230 @@
+"""End-to-end latency of a small WanVACE masked edit on CPU: eager, torch.compile, hetcache.
+
+Runs the whole ``WanVACEPipeline`` call (VAE encode, the CFG denoising loop, VAE decode) with
+random-weight components from ``tests/models.py`` for each configuration:
+
+* ``eager``: the transformer uncompiled;
+* ``torch.compile``: plain ``torch.compile(backend=<inner backend>)`` (Inductor by default), the baseline;
+* ``hetcache adaptive``: ``backend="hetcache"`` with default options;
+* ``hetcache fixed``: a fixed schedule ``FF`` + ``RF``... that reuses about half the steps;
+* ``hetcache full``: ``schedule="full"``, never reuses (measures the runtime's own overhead).
+
+Each configuration gets its own deep copy of the transformer and a ``torch._dynamo.reset()``;
+a first run compiles and warms up (not timed), then ``--repeats`` runs are timed and the median
+is reported. Output differences are measured against the eager output video.
+
+    python benchmarks/latency.py             # writes benchmarks/results/latency.md
+    python benchmarks/latency.py --quick     # smoke run, writes benchmarks/results/latency_quick.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import logging
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from common import (command_line, edit_inputs, machine_description, tiny_vace_pipeline, tiny_vace_transformer,
+                    utc_now, write_table)
+
+import hetcache_compile as hc
+
+log = logging.getLogger("benchmarks.latency")
+
+# "Small WanVACE": big enough that the transformer blocks dominate a pipeline call on CPU.
+SMALL_MODEL = dict(num_layers=8, vace_layers=(0, 2, 4, 6), heads=4, head_dim=32, text_dim=64, ffn_dim=256)
+SMALL_INPUTS = dict(frames=9, height=64, width=64, text_dim=64)
+# --quick: the test suite's tiny defaults.
+QUICK_MODEL = dict(num_layers=4, vace_layers=(0, 2), heads=2, head_dim=12, text_dim=32, ffn_dim=32)
+QUICK_INPUTS = dict(frames=5, height=32, width=32, text_dim=32)
+
+LETTER = {"full": "F", "partial": "P", "reuse": "R"}
+
+
+def half_reuse_schedule(steps: int) -> str:
+    """``FF`` then alternating ``RF``: about half the steps after the first two reuse; the last is full."""
+    letters = ["F" if i < 2 or i % 2 == 1 else "R" for i in range(steps)]
+    letters[-1] = "F"
+    return "".join(letters)
+
+
+@dataclass
+class Config:
+    name: str
+    backend: str | None  # None: eager
+    options: dict | None = None
+
+    @property
+    def is_hetcache(self) -> bool:
+        return self.backend == "hetcache"
+
+
+@dataclass
+class Result:
+    config: Config
+    warmup_seconds: float
+    seconds: list[float]
+    output: torch.Tensor
+    steps: dict[str, int] | None = None          # per run, summed over branches
+    histories: dict[str, str] = field(default_factory=dict)  # branch -> "FFRF..." of the last run
+    compile_seconds: float | None = None
+    graphs: int | None = None
+    fallback: str | None = None
+    consistent: bool = True                      # same step kinds in every timed run
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+
+def run_pipeline(pipe, inputs: dict, steps: int) -> torch.Tensor:
+    result = pipe(**inputs, num_inference_steps=steps, guidance_scale=5.0, output_type="pt",
+                  generator=torch.Generator().manual_seed(0))
+    return result.frames.float()
+
+
+def benchmark(config: Config, base: torch.nn.Module, inputs: dict, steps: int, repeats: int) -> Result:
+    torch._dynamo.reset()
+    gc.collect()
+    module = copy.deepcopy(base)
+    if config.backend is None:
+        model = module
+    else:
+        model = torch.compile(module, backend=config.backend, options=config.options)
+    pipe = tiny_vace_pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+
+    log.info("[%s] compile + warm-up run ...", config.name)
+    start = time.perf_counter()
+    output = run_pipeline(pipe, inputs, steps)
+    warmup = time.perf_counter() - start
+    log.info("[%s] warm-up run took %.1f s", config.name, warmup)
+
+    seconds: list[float] = []
+    per_run_steps: list[dict[str, int]] = []
+    for repeat in range(repeats):
+        if config.is_hetcache:
+            hc.reset(model)
+            before = dict(hc.stats(model).steps)
+        start = time.perf_counter()
+        output = run_pipeline(pipe, inputs, steps)
+        seconds.append(time.perf_counter() - start)
+        if config.is_hetcache:
+            after = hc.stats(model).steps
+            per_run_steps.append({kind: after[kind] - before[kind] for kind in after})
+        log.info("[%s] run %d/%d: %.3f s", config.name, repeat + 1, repeats, seconds[-1])
+
+    result = Result(config, warmup, seconds, output)
+    if config.is_hetcache:
+        stats = hc.stats(model)
+        result.steps = per_run_steps[-1]
+        result.consistent = all(s == per_run_steps[0] for s in per_run_steps)
+        result.histories = {name: "".join(LETTER[k] for k in branch.history) for name, branch in stats.branches.items()}
+        result.compile_seconds = sum(stats.compile_seconds.values())
+        result.graphs = stats.graphs
+        result.fallback = stats.fallback_reason
+    del pipe, model, module
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps per run (default 20; 4 with --quick)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per config (default 3; 1 with --quick)")
+    parser.add_argument("--inner-backend", default="inductor", choices=("inductor", "aot_eager", "eager"),
+                        help="hetcache's inner compiler, also the backend of the plain torch.compile baseline")
+    parser.add_argument("--quick", action="store_true", help="tiny model, few steps: a smoke run")
+    parser.add_argument("--name", default=None,
+                        help="results file benchmarks/results/<name>.md (default latency, latency_quick with --quick)")
+    parser.add_argument("--verbose", action="store_true", help="also show hetcache_compile's INFO logs")
+    args = parser.parse_args(argv)
+
+    steps = args.steps or (4 if args.quick else 20)
+    repeats = args.repeats or (1 if args.quick else 3)
+    if steps < 2 or repeats < 1:
+        parser.error("--steps must be >= 2 and --repeats >= 1")
+    name = args.name or ("latency_quick" if args.quick else "latency")
+    model_kwargs = QUICK_MODEL if args.quick else SMALL_MODEL
+    input_kwargs = QUICK_INPUTS if args.quick else SMALL_INPUTS
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("hetcache_compile").setLevel(logging.INFO if args.verbose else logging.WARNING)
+
+    inner = args.inner_backend
+    fixed = half_reuse_schedule(steps)
+    configs = [
+        Config("eager", None),
+        Config(f"torch.compile ({inner})", inner),
+        Config("hetcache adaptive", "hetcache", {"inner_backend": inner}),
+        Config(f"hetcache fixed {fixed}", "hetcache", {"schedule": fixed, "inner_backend": inner}),
+        Config("hetcache full", "hetcache", {"schedule": "full", "inner_backend": inner}),
+    ]
+
+    machine = machine_description()
+    load_before = os.getloadavg()
+    log.info("machine: %s", machine)
+    log.info("model %s, inputs %s, %d steps, %d timed runs per config", model_kwargs, input_kwargs, steps, repeats)
+    base = tiny_vace_transformer(**model_kwargs)
+    inputs = edit_inputs(**input_kwargs)
+
+    results: list[Result] = []
+    total_start = time.perf_counter()
+    for config in configs:
+        results.append(benchmark(config, base, inputs, steps, repeats))
+    total = time.perf_counter() - total_start
+    load_after = os.getloadavg()
+
+    reference = results[0].output
+    baseline = results[1].median
+    columns = ["config", "median s/run", "speedup vs torch.compile", "steps full/partial/reuse",
+               "max abs diff vs eager", "mean abs diff vs eager", "warm-up run s (compile)"]
+    rows = []
+    for r in results:
+        diff = (r.output - reference).abs()
+        warmup = f"{r.warmup_seconds:.1f}"
+        if r.compile_seconds is not None:
+            warmup += f" (variants {r.compile_seconds:.1f})"
+        if r.steps is not None:
+            steps_cell = "/".join(str(r.steps[k]) for k in ("full", "partial", "reuse"))
+            if not r.consistent:
+                steps_cell += " (varied)"
+        else:
+            steps_cell = f"{2 * steps}/0/0"
+        rows.append([r.config.name, f"{r.median:.3f}", f"{baseline / r.median:.2f}x", steps_cell,
+                     f"{diff.max().item():.2e}", f"{diff.mean().item():.2e}", warmup])
+
+    header = [
+        f"machine: {machine}",
+        f"date: {utc_now()}",
+        f"command: `{command_line()}`",
+        f"model: `tiny_vace_transformer({', '.join(f'{k}={v}' for k, v in model_kwargs.items())})`, "
+        f"random weights, float32",
+        f"inputs: `edit_inputs({', '.join(f'{k}={v}' for k, v in input_kwargs.items())})`, "
+        f"{steps} steps, guidance_scale=5.0 (CFG: 2 transformer calls per step)",
+        f"timing: whole `WanVACEPipeline.__call__` (VAE encode/decode included), median of {repeats} "
+        f"run(s) after one untimed compile + warm-up run; inner backend `{inner}`",
+        f"load average (1 min) before/after: {load_before[0]:.2f} / {load_after[0]:.2f}; total wall time {total:.0f} s",
+    ]
+    notes = ["Steps are transformer calls of one timed run, summed over the cond and uncond branches.",
+             "Speedup is the torch.compile median divided by the config's median, both measured in this run.",
+             "Output diffs compare the decoded video in [0, 1] with the eager run.", ""]
+    notes.append("Step kinds per branch (last timed run):")
+    notes.append("")
+    for r in results:
+        for branch, history in r.histories.items():
+            notes.append(f"- {r.config.name}, {branch}: `{history}`")
+        if r.graphs is not None and r.graphs != 1:
+            notes.append(f"- {r.config.name}: {r.graphs} compiled graphs")
+        if r.fallback:
+            notes.append(f"- {r.config.name}: FELL BACK to plain {inner}: {r.fallback}")
+    write_table(name, "Latency: small WanVACE masked edit on CPU", columns, rows, header, notes)
+
+
+if __name__ == "__main__":
+    main()

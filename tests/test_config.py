@@ -1,0 +1,47 @@
+import pytest
+
+from hetcache_compile import HetCacheConfig
+from hetcache_compile.config import PRESETS
+
+
+def test_defaults_are_the_balanced_preset():
+    config = HetCacheConfig.from_options(None)
+    assert config.preset == "balanced"
+    assert config.threshold == PRESETS["balanced"]["threshold"]
+
+
+def test_preset_sets_values_and_explicit_options_win():
+    fast = HetCacheConfig.from_options({"preset": "fast"})
+    assert fast.threshold == PRESETS["fast"]["threshold"] > PRESETS["quality"]["threshold"]
+    assert HetCacheConfig.from_options({"preset": "fast", "threshold": 0.01}).threshold == 0.01
+
+
+def test_unknown_key_names_the_key_and_the_allowed_ones():
+    with pytest.raises(ValueError, match="'treshold'.*allowed options.*threshold"):
+        HetCacheConfig.from_options({"treshold": 0.1})
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("preset", "turbo"),
+        ("schedule", "RFF"),
+        ("schedule", "FXR"),
+        ("threshold", -1.0),
+        ("threshold", "0.1"),
+        ("warmup_steps", 0),
+        ("max_consecutive_reuse", 1.5),
+        ("inner_backend", "tensorrt"),
+        ("num_steps", 0),
+        ("rescale", "sdxl"),
+        ("max_branches", True),
+    ],
+)
+def test_bad_values_raise_naming_the_key(key, value):
+    with pytest.raises(ValueError, match=f"option '{key}' got"):
+        HetCacheConfig.from_options({key: value})
+
+
+def test_rescale_accepts_a_name_or_coefficients():
+    assert HetCacheConfig(rescale="wan2.1-1.3b").rescale_coefficients()[0] < 0
+    assert HetCacheConfig.from_options({"rescale": [2.0, 0.0]}).rescale_coefficients() == (2.0, 0.0)

@@ -1,0 +1,76 @@
+"""Graphs the analysis refuses are compiled unchanged, with a one-line warning, and stay correct."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import compile_hetcache, run
+
+import hetcache_compile as hc
+
+
+class Block(torch.nn.Module):
+    def __init__(self, dim=16):
+        super().__init__()
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, -1)).permute(2, 0, 3, 1, 4).unbind(0)
+        return x + torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+
+
+class LeakyStack(torch.nn.Module):
+    """A block stack whose first block's output is also used after the stack: no clean exit."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([Block(), Block()])
+
+    def forward(self, x):
+        first = self.blocks[0](x)
+        return self.blocks[1](first), first
+
+
+def test_refused_graph_warns_once_and_matches_eager():
+    model = LeakyStack().eval()
+    x = torch.randn(1, 6, 16)
+    expected = model(x)
+    compiled = compile_hetcache(model, schedule="FR")
+    with pytest.warns(UserWarning, match="hetcache: not rewriting this graph .*only the final hidden states"):
+        out = compiled(x)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(compiled(x), expected)  # a second call ("R" in the schedule): still exact
+    stats = hc.stats(model)
+    assert "used after it" in stats.fallback_reason
+    assert stats.steps == {"full": 2, "partial": 0, "reuse": 0}
+    assert "rewrite refused" in hc.explain(model)
+
+
+def test_dynamic_shapes_are_refused_with_advice(transformer, inputs):
+    compiled = torch.compile(transformer, backend="hetcache", dynamic=True, options={"inner_backend": "aot_eager"})
+    with pytest.warns(UserWarning, match="dynamic=False"):
+        out = run(compiled, inputs)
+    torch.testing.assert_close(out, run(transformer, inputs))
+
+
+def test_backend_name_resolves_without_importing_the_package(tmp_path):
+    script = textwrap.dedent(
+        """
+        import sys, warnings
+        import torch
+        assert "hetcache_compile" not in sys.modules
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = torch.compile(model, backend="hetcache", options={"inner_backend": "eager"})(torch.ones(2, 4))
+        torch.testing.assert_close(out, model(torch.ones(2, 4)))
+        assert any("hetcache" in str(w.message) for w in caught), [str(w.message) for w in caught]
+        print("resolved", "hetcache_compile" in sys.modules)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "resolved True" in result.stdout

@@ -1,0 +1,20 @@
+"""The one end-to-end test with Inductor as the inner compiler (about a minute on 2 CPU cores)."""
+
+import pytest
+import torch
+from conftest import run
+
+import hetcache_compile as hc
+
+
+@pytest.mark.inductor
+def test_inductor_full_and_reuse_steps_match_eager(transformer, inputs):
+    compiled = torch.compile(transformer, backend="hetcache", options={"schedule": "FR"})
+    full = run(compiled, inputs)
+    torch.testing.assert_close(full, run(transformer, inputs), rtol=1e-4, atol=1e-4)
+    reused = run(compiled, inputs)
+    torch.testing.assert_close(reused, full, rtol=1e-4, atol=1e-4)
+    stats = hc.stats(transformer)
+    assert stats.branches["cond"].history == ["full", "reuse"]
+    assert stats.compile_counts == {"full": 1, "reuse": 1}
+    assert stats.compile_seconds["full"] > 0

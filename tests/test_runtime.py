@@ -1,0 +1,136 @@
+"""Equivalence of the compiled variants with eager, branch separation and run lifecycle (aot_eager)."""
+
+import pytest
+import torch
+from conftest import compile_hetcache, run
+
+import hetcache_compile as hc
+
+
+def test_full_step_equals_the_uncompiled_model(transformer, inputs):
+    expected = run(transformer, inputs)
+    compiled = compile_hetcache(transformer, schedule="full")
+    torch.testing.assert_close(run(compiled, inputs), expected)
+    torch.testing.assert_close(run(compiled, inputs, timestep=torch.tensor([300.0])),
+                               run(transformer, inputs, timestep=torch.tensor([300.0])))
+
+
+def test_reuse_right_after_full_with_identical_inputs_equals_full(transformer, inputs):
+    compiled = compile_hetcache(transformer, schedule="FR")
+    full = run(compiled, inputs)
+    reused = run(compiled, inputs)
+    assert hc.stats(transformer).branches["cond"].history == ["full", "reuse"]
+    # a reuse that re-added the VACE hints (diffusers FirstBlockCache's bug) would be far off
+    torch.testing.assert_close(reused, full, rtol=1e-5, atol=1e-5)
+
+
+def test_reuse_runs_the_epilogue_on_the_new_timestep(transformer, inputs):
+    compiled = compile_hetcache(transformer, schedule="FR")
+    run(compiled, inputs)
+    reused = run(compiled, inputs, timestep=torch.tensor([450.0]))
+    expected_epilogue_only = run(transformer, inputs, timestep=torch.tensor([450.0]))
+    assert not torch.allclose(reused, run(transformer, inputs))  # the output head saw the new timestep
+    assert torch.isfinite(reused).all() and reused.shape == expected_epilogue_only.shape
+
+
+def test_cond_and_uncond_keep_separate_caches(transformer, inputs):
+    uncond_text = torch.randn_like(inputs["encoder_hidden_states"])
+    compiled = compile_hetcache(transformer, schedule="FR")
+    cond_full = run(compiled, inputs)
+    uncond_full = run(compiled, inputs, encoder_hidden_states=uncond_text)
+    cond_reused = run(compiled, inputs)
+    uncond_reused = run(compiled, inputs, encoder_hidden_states=uncond_text)
+    torch.testing.assert_close(cond_reused, cond_full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(uncond_reused, uncond_full, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(cond_full, uncond_full, atol=1e-3)
+    stats = hc.stats(compiled)
+    assert set(stats.branches) == {"cond", "uncond"}
+    assert stats.steps == {"full": 2, "partial": 0, "reuse": 2}
+
+
+def test_batched_cfg_is_one_branch_whose_cache_holds_both_samples(transformer):
+    from models import transformer_inputs
+
+    batched = transformer_inputs(batch=2)
+    compiled = compile_hetcache(transformer, schedule="FR")
+    full = run(compiled, batched)
+    torch.testing.assert_close(run(compiled, batched), full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(full, run(transformer, batched), rtol=1e-5, atol=1e-5)
+
+
+def test_a_new_run_starts_when_the_timestep_goes_up(transformer, inputs):
+    compiled = compile_hetcache(transformer, schedule="FR")
+    for t in (900.0, 700.0, 500.0, 999.0, 800.0):
+        run(compiled, inputs, timestep=torch.tensor([t]))
+    branch = hc.stats(compiled).branches["cond"]
+    assert branch.history == ["full", "reuse"]  # the run that started at 999
+    assert branch.runs == 2
+    assert branch.steps == {"full": 2, "partial": 0, "reuse": 3}
+
+
+def test_a_new_run_starts_when_the_control_video_changes(transformer, inputs):
+    compiled = compile_hetcache(transformer, schedule="FR")
+    run(compiled, inputs)
+    new_video = dict(inputs, control_hidden_states=torch.randn_like(inputs["control_hidden_states"]))
+    out = run(compiled, new_video, timestep=torch.tensor([400.0]))
+    assert hc.stats(compiled).branches["cond"].history == ["full"]
+    torch.testing.assert_close(out, run(transformer, new_video, timestep=torch.tensor([400.0])))
+
+
+def test_reset_forgets_the_caches(transformer, inputs):
+    compiled = compile_hetcache(transformer, schedule="FR")
+    run(compiled, inputs)
+    hc.reset(compiled)
+    run(compiled, inputs, timestep=torch.tensor([400.0]))
+    assert hc.stats(transformer).branches["cond"].history == ["full"]
+
+
+def test_profiler_shows_the_step_kinds(transformer, inputs):
+    compiled = compile_hetcache(transformer, schedule="FR")
+    run(compiled, inputs)  # compile outside the profiled region
+    hc.reset(compiled)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        run(compiled, inputs)
+        run(compiled, inputs)
+    names = {event.name for event in prof.events()}
+    assert {"hetcache::full", "hetcache::reuse"} <= names
+
+
+def test_adaptive_schedule_reuses_and_stays_close(transformer, inputs):
+    compiled = compile_hetcache(transformer, preset="fast")
+    timesteps = torch.linspace(999, 0, 12)
+    latents = inputs["hidden_states"]
+    for t in timesteps:
+        out = run(compiled, inputs, hidden_states=latents, timestep=t.reshape(1))
+        assert torch.isfinite(out).all()
+    stats = hc.stats(compiled)
+    assert stats.steps["reuse"] > 0 and stats.steps["full"] >= 2
+    assert stats.compile_counts == {"full": 1, "reuse": 1}
+
+
+def test_explain_reports_the_analysis(transformer, inputs):
+    compiled = compile_hetcache(transformer)
+    run(compiled, inputs)
+    text = hc.explain(compiled)
+    assert "12 (6 self, 6 cross)" in text
+    assert "vace_blocks x2, blocks x4" in text
+    assert "timestep-embedding probe" in text
+
+
+def test_max_branches_bounds_the_caches(transformer, inputs):
+    compiled = compile_hetcache(transformer, schedule="FR", max_branches=2)
+    for _ in range(4):
+        run(compiled, inputs, encoder_hidden_states=torch.randn_like(inputs["encoder_hidden_states"]))
+    runtime = hc.runtimes(transformer)[0]
+    assert len(runtime.branches) == 2
+    assert hc.stats(transformer).steps["full"] == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
+def test_low_precision_full_step_matches_eager(transformer, inputs, dtype):
+    model = transformer.to(dtype)
+    cast = {k: (v.to(dtype) if k != "timestep" else v) for k, v in inputs.items()}
+    expected = run(model, cast)
+    compiled = compile_hetcache(model, schedule="FR")
+    torch.testing.assert_close(run(compiled, cast), expected)
+    torch.testing.assert_close(run(compiled, cast), expected, rtol=2e-2, atol=2e-2)
