@@ -11,6 +11,7 @@ import datetime
 import os
 import platform
 import shlex
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +25,7 @@ if str(REPO_ROOT / "tests") not in sys.path:
 from models import edit_inputs, tiny_vace_pipeline, tiny_vace_transformer  # noqa: E402
 
 __all__ = [
-    "REPO_ROOT", "RESULTS_DIR", "command_line", "cpu_model", "edit_inputs", "machine_description",
+    "REPO_ROOT", "RESULTS_DIR", "command_line", "cpu_model", "edit_inputs", "machine_description", "source_description",
     "markdown_table", "tiny_vace_pipeline", "tiny_vace_transformer", "utc_now", "write_table",
 ]
 
@@ -66,6 +67,25 @@ def machine_description() -> str:
     if torch.cuda.is_available():
         parts.insert(1, f"GPU {torch.cuda.get_device_name(0)}")
     return "; ".join(parts)
+
+
+def source_description() -> str:
+    """Where ``hetcache_compile`` was imported from, and the git state of this checkout."""
+    import hetcache_compile
+
+    package = Path(hetcache_compile.__file__).resolve().parent
+    where = str(package.relative_to(REPO_ROOT)) if package.is_relative_to(REPO_ROOT) else str(package)
+    try:
+        def git(*args: str) -> str:
+            return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                                  check=True, timeout=30).stdout.strip()
+
+        commit = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--", "hetcache_compile", "passes")
+        state = f"checkout at {commit}" + (", hetcache_compile/ or passes/ modified" if dirty else ", clean")
+    except (OSError, subprocess.SubprocessError):
+        state = "git state unknown"
+    return f"hetcache_compile {hetcache_compile.__version__} imported from {where} ({state})"
 
 
 def command_line() -> str:

@@ -26,12 +26,13 @@ import logging
 import os
 import statistics
 import time
+import traceback
 from dataclasses import dataclass, field
 
 import torch
 
-from common import (command_line, edit_inputs, machine_description, tiny_vace_pipeline, tiny_vace_transformer,
-                    utc_now, write_table)
+from common import (command_line, edit_inputs, machine_description, source_description, tiny_vace_pipeline,
+                    tiny_vace_transformer, utc_now, write_table)
 
 import hetcache_compile as hc
 
@@ -68,9 +69,10 @@ class Config:
 @dataclass
 class Result:
     config: Config
-    warmup_seconds: float
-    seconds: list[float]
-    output: torch.Tensor
+    warmup_seconds: float = float("nan")
+    seconds: list[float] = field(default_factory=list)
+    output: torch.Tensor | None = None
+    error: str | None = None                     # the exception that stopped this config, if any
     steps: dict[str, int] | None = None          # per run, summed over branches
     histories: dict[str, str] = field(default_factory=dict)  # branch -> "FFRF..." of the last run
     compile_seconds: float | None = None
@@ -80,7 +82,7 @@ class Result:
 
     @property
     def median(self) -> float:
-        return statistics.median(self.seconds)
+        return statistics.median(self.seconds) if self.seconds else float("nan")
 
 
 def run_pipeline(pipe, inputs: dict, steps: int) -> torch.Tensor:
@@ -142,6 +144,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny model, few steps: a smoke run")
     parser.add_argument("--name", default=None,
                         help="results file benchmarks/results/<name>.md (default latency, latency_quick with --quick)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (default: torch's choice, one per core)")
+    parser.add_argument("--note", action="append", default=[], help="extra line for the results header (repeatable)")
     parser.add_argument("--verbose", action="store_true", help="also show hetcache_compile's INFO logs")
     args = parser.parse_args(argv)
 
@@ -153,6 +158,8 @@ def main(argv: list[str] | None = None) -> None:
     model_kwargs = QUICK_MODEL if args.quick else SMALL_MODEL
     input_kwargs = QUICK_INPUTS if args.quick else SMALL_INPUTS
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("hetcache_compile").setLevel(logging.INFO if args.verbose else logging.WARNING)
 
@@ -176,17 +183,29 @@ def main(argv: list[str] | None = None) -> None:
     results: list[Result] = []
     total_start = time.perf_counter()
     for config in configs:
-        results.append(benchmark(config, base, inputs, steps, repeats))
+        try:
+            results.append(benchmark(config, base, inputs, steps, repeats))
+        except Exception as error:  # keep measuring the other configs; the table shows the error
+            log.error("[%s] failed:\n%s", config.name, traceback.format_exc())
+            results.append(Result(config, error=f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"))
     total = time.perf_counter() - total_start
     load_after = os.getloadavg()
 
     reference = results[0].output
     baseline = results[1].median
-    columns = ["config", "median s/run", "speedup vs torch.compile", "steps full/partial/reuse",
+    na = "n/a"
+    columns = ["config", "median s/run", "min s/run", "speedup vs torch.compile", "steps full/partial/reuse",
                "max abs diff vs eager", "mean abs diff vs eager", "warm-up run s (compile)"]
     rows = []
     for r in results:
-        diff = (r.output - reference).abs()
+        if r.error is not None:
+            rows.append([r.config.name, f"ERROR: {r.error}", na, na, na, na, na, na])
+            continue
+        if reference is not None:
+            diff = (r.output - reference).abs()
+            max_diff, mean_diff = f"{diff.max().item():.2e}", f"{diff.mean().item():.2e}"
+        else:
+            max_diff = mean_diff = na
         warmup = f"{r.warmup_seconds:.1f}"
         if r.compile_seconds is not None:
             warmup += f" (variants {r.compile_seconds:.1f})"
@@ -196,13 +215,15 @@ def main(argv: list[str] | None = None) -> None:
                 steps_cell += " (varied)"
         else:
             steps_cell = f"{2 * steps}/0/0"
-        rows.append([r.config.name, f"{r.median:.3f}", f"{baseline / r.median:.2f}x", steps_cell,
-                     f"{diff.max().item():.2e}", f"{diff.mean().item():.2e}", warmup])
+        speedup = f"{baseline / r.median:.2f}x" if baseline == baseline else na  # NaN: baseline failed
+        rows.append([r.config.name, f"{r.median:.3f}", f"{min(r.seconds):.3f}", speedup, steps_cell, max_diff,
+                     mean_diff, warmup])
 
     header = [
         f"machine: {machine}",
         f"date: {utc_now()}",
         f"command: `{command_line()}`",
+        source_description(),
         f"model: `tiny_vace_transformer({', '.join(f'{k}={v}' for k, v in model_kwargs.items())})`, "
         f"random weights, float32",
         f"inputs: `edit_inputs({', '.join(f'{k}={v}' for k, v in input_kwargs.items())})`, "
@@ -210,9 +231,11 @@ def main(argv: list[str] | None = None) -> None:
         f"timing: whole `WanVACEPipeline.__call__` (VAE encode/decode included), median of {repeats} "
         f"run(s) after one untimed compile + warm-up run; inner backend `{inner}`",
         f"load average (1 min) before/after: {load_before[0]:.2f} / {load_after[0]:.2f}; total wall time {total:.0f} s",
+        *args.note,
     ]
     notes = ["Steps are transformer calls of one timed run, summed over the cond and uncond branches.",
              "Speedup is the torch.compile median divided by the config's median, both measured in this run.",
+             "The CPU is shared: a min far below the median means other processes interfered.",
              "Output diffs compare the decoded video in [0, 1] with the eager run.", ""]
     notes.append("Step kinds per branch (last timed run):")
     notes.append("")
@@ -223,6 +246,8 @@ def main(argv: list[str] | None = None) -> None:
             notes.append(f"- {r.config.name}: {r.graphs} compiled graphs")
         if r.fallback:
             notes.append(f"- {r.config.name}: FELL BACK to plain {inner}: {r.fallback}")
+        if r.error:
+            notes.append(f"- {r.config.name}: failed with {r.error} (traceback in the log)")
     write_table(name, "Latency: small WanVACE masked edit on CPU", columns, rows, header, notes)
 
 

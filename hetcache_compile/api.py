@@ -1,4 +1,4 @@
-"""Public functions that take a model: ``stats``, ``reset``, ``explain``.
+"""Public functions that take a model: ``set_mask``, ``stats``, ``reset``, ``explain``.
 
 ``model`` may be the module given to ``torch.compile``, the ``OptimizedModule`` it returned,
 or a module compiled in place with ``module.compile(backend="hetcache")``. Runtimes are found
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .priors import USER_MASKS, mask_to_token_grid
 from .runtime import LIVE_RUNTIMES
 from .stats import HetCacheStats
 
@@ -45,6 +46,25 @@ def stats(model: torch.nn.Module) -> HetCacheStats:
             total.compile_seconds[variant.name] = total.compile_seconds.get(variant.name, 0.0) + variant.compile_seconds
             total.compile_counts[variant.name] = total.compile_counts.get(variant.name, 0) + variant.compile_count
     return total
+
+
+def set_mask(model: torch.nn.Module, mask: torch.Tensor | None) -> None:
+    """Give ``model`` the edit mask: the spatial prior for models whose inputs carry none.
+
+    ``mask`` is a bool token grid ``[F', H', W']`` or a pixel mask video ``[F, H, W]`` (Wan's VAE
+    factors: 4x frames with the first alone, 8x pixels, then the patch), each optionally with a
+    batch dimension first; nonzero means *edit this*. It overrides a mask read from the inputs
+    (VACE's control channels) until ``set_mask(model, None)``. Setting it starts a new run.
+    Raises ``ValueError`` naming the expected grids when the shape fits an already compiled graph
+    of ``model`` neither way (graphs compiled later check it on their first call).
+    """
+    target = _unwrap(model)
+    for runtime in runtimes(target):
+        grid = getattr(runtime, "grid", None)
+        if mask is not None and grid is not None:
+            mask_to_token_grid(mask, grid.grid, grid.patch)
+    USER_MASKS.set(target, mask)
+    reset(target)
 
 
 def reset(model: torch.nn.Module) -> None:

@@ -55,7 +55,8 @@ def hetcache_backend(gm: fx.GraphModule, example_inputs: Sequence[object],
         if config.schedule == "adaptive" and analysis.modulation is None:
             raise RewriteRefused("no timestep-modulation tensor found for the adaptive schedule; "
                                  "pass options={'schedule': 'FFRF...'} for a fixed schedule")
-        variants = build_variants(gm, analysis)
+        variants = build_variants(gm, analysis, example_inputs, relevance_site=config.relevance_site,
+                                  partial=config.partial, prune=config.prune)
     except RewriteRefused as refused:
         return _fallback(gm, example_inputs, str(refused), config)
     logger.info("hetcache rewrote a graph of %d nodes:\n%s", len(gm.graph.nodes), analysis.report())

@@ -2,7 +2,7 @@
 
 >>> from hetcache_compile import HetCacheConfig
 >>> HetCacheConfig.from_options({"preset": "fast"}).threshold
-0.3
+0.8
 >>> HetCacheConfig.from_options({"schedule": "FFRF"}).schedule
 'FFRF'
 """
@@ -22,13 +22,16 @@ RESCALE_POLYNOMIALS: dict[str, tuple[float, ...]] = {
 
 INNER_BACKENDS = ("inductor", "aot_eager", "eager")
 SCHEDULE_MODES = ("adaptive", "full")
-_FIXED_SCHEDULE = re.compile(r"^F[FR]*$")
+_FIXED_SCHEDULE = re.compile(r"^F[FPR]*$")
+PRUNE_MODES = ("block", "attention")
 
 PRESETS: dict[str, dict[str, object]] = {
-    # threshold: accumulated modulation change below which a step reuses the cached residual.
-    "quality": {"threshold": 0.1, "max_consecutive_reuse": 1},
-    "balanced": {"threshold": 0.2, "max_consecutive_reuse": 2},
-    "fast": {"threshold": 0.3, "max_consecutive_reuse": 3},
+    # threshold: accumulated modulation change below which a step reuses the cached residual;
+    # context_ratio / margin_ratio: shares of context and margin tokens a partial step computes.
+    # Thresholds are on the raw relative L1 change of the timestep modulation (no rescale).
+    "quality": {"threshold": 0.3, "max_consecutive_reuse": 1, "context_ratio": 0.2, "margin_ratio": 1.0},
+    "balanced": {"threshold": 0.5, "max_consecutive_reuse": 2, "context_ratio": 0.1, "margin_ratio": 0.7},
+    "fast": {"threshold": 0.8, "max_consecutive_reuse": 3, "context_ratio": 0.05, "margin_ratio": 0.5},
 }
 
 
@@ -41,7 +44,8 @@ class HetCacheConfig:
             ``max_consecutive_reuse`` unless those are given explicitly.
         schedule: ``"adaptive"`` (classify each call from the timestep modulation), ``"full"``
             (never skip: for verification), or a fixed string with one letter per call of a CFG
-            branch, ``F`` full or ``R`` reuse, starting with ``F``; its last letter repeats.
+            branch, ``F`` full, ``P`` partial or ``R`` reuse, starting with ``F``; its last letter
+            repeats.
         threshold: adaptive schedule: reuse while the accumulated relative L1 change of the
             modulation tensor since the last computed step stays below it.
         warmup_steps: the first calls of every run are always full.
@@ -53,6 +57,18 @@ class HetCacheConfig:
         inner_backend: compiler for each variant: ``"inductor"``, ``"aot_eager"`` or ``"eager"``.
         max_branches: CFG branches (distinct text conditionings) kept at once; the least
             recently used is dropped beyond it, which bounds cache memory.
+        context_ratio: share of context tokens a partial step recomputes (0..1).
+        margin_ratio: share of margin tokens a partial step recomputes, spatially uniform per
+            frame (0..1). ``context_ratio = margin_ratio = 1`` puts every token in S.
+        margin_radius: margin width around the generative tokens, in tokens (Euclidean).
+        num_clusters: k of the k-means that spreads the context budget over the scene.
+        relevance_site: self-attention site whose attention scores rank context tokens: an index
+            among the self-attention sites (default -1, the last) or a module path such as
+            ``"blocks.29.attn1"``.
+        prune: ``"block"`` (tokens outside S skip whole blocks) or ``"attention"`` (only
+            self-attention queries are restricted to S; cross-attention and FFN see all tokens,
+            as in the paper's code).
+        partial: build partial steps at all (``False``: step-level caching only).
     """
 
     preset: str = "balanced"
@@ -65,20 +81,37 @@ class HetCacheConfig:
     rescale: str | tuple[float, ...] | None = None
     inner_backend: str = "inductor"
     max_branches: int = 4
+    context_ratio: float = field(default=PRESETS["balanced"]["context_ratio"])
+    margin_ratio: float = field(default=PRESETS["balanced"]["margin_ratio"])
+    margin_radius: float = 5.0
+    num_clusters: int = 16
+    relevance_site: int | str = -1
+    prune: str = "block"
+    partial: bool = True
 
     def __post_init__(self) -> None:
         _require(self.preset in PRESETS, "preset", self.preset, f"one of {sorted(PRESETS)}")
         valid_schedule = self.schedule in SCHEDULE_MODES or bool(_FIXED_SCHEDULE.match(self.schedule))
         _require(valid_schedule, "schedule", self.schedule,
-                 "'adaptive', 'full' or a string of F/R letters starting with F, e.g. 'FFRFRR'")
+                 "'adaptive', 'full' or a string of F/P/R letters starting with F, e.g. 'FFRPRF'")
         _require(_is_number(self.threshold) and self.threshold > 0, "threshold", self.threshold, "a number > 0")
         for name, minimum in (("warmup_steps", 1), ("refresh_interval", 1), ("max_consecutive_reuse", 0),
-                              ("max_branches", 1)):
+                              ("max_branches", 1), ("num_clusters", 1)):
             value = getattr(self, name)
             _require(isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
                      name, value, f"an integer >= {minimum}")
         _require(self.num_steps is None or (isinstance(self.num_steps, int) and self.num_steps >= 1),
                  "num_steps", self.num_steps, "None or an integer >= 1")
+        for name in ("context_ratio", "margin_ratio"):
+            value = getattr(self, name)
+            _require(_is_number(value) and 0.0 <= value <= 1.0, name, value, "a number in [0, 1]")
+        _require(_is_number(self.margin_radius) and self.margin_radius >= 0, "margin_radius", self.margin_radius,
+                 "a number >= 0 (tokens)")
+        _require(isinstance(self.relevance_site, str) or (isinstance(self.relevance_site, int)
+                                                          and not isinstance(self.relevance_site, bool)),
+                 "relevance_site", self.relevance_site, "an int index of a self-attention site or a module path")
+        _require(self.prune in PRUNE_MODES, "prune", self.prune, f"one of {list(PRUNE_MODES)}")
+        _require(isinstance(self.partial, bool), "partial", self.partial, "True or False")
         _require(self.inner_backend in INNER_BACKENDS, "inner_backend", self.inner_backend,
                  f"one of {list(INNER_BACKENDS)}")
         rescale_ok = (

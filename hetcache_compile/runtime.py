@@ -22,8 +22,17 @@ import torch.fx as fx
 
 from .config import HetCacheConfig
 from .passes import GraphAnalysis, Variants
-from .passes.graph_utils import placeholders
+from .passes.graph_utils import output_node, placeholders
+from .priors import (
+    USER_MASKS,
+    VACE_MASK_CHANNELS,
+    TokenClasses,
+    classify_tokens,
+    mask_from_vace_control,
+    mask_to_token_grid,
+)
 from .schedule import StepKind, StepScheduler, make_scheduler
+from .selection import relevance, select_tokens
 from .stats import BranchStats
 
 logger = logging.getLogger("hetcache_compile")
@@ -85,16 +94,25 @@ class BranchState:
     scheduler: StepScheduler
     stats: BranchStats
     residual: torch.Tensor | None = None
+    exit: torch.Tensor | None = None  # final hidden states of all tokens (partial scatter target)
+    site_caches: list[torch.Tensor] = field(default_factory=list)  # k0, v0, k1, v1, ... or a0, a1, ...
+    selection: torch.Tensor | None = None  # S, chosen at the last full step
+    classes: TokenClasses | None = None
     last_timestep: float | None = None
     conditioning: tuple | None = None
-    extra: dict = field(default_factory=dict)
 
     def reset(self) -> None:
         self.scheduler.reset()
-        self.residual = None
+        self.residual = self.exit = self.selection = self.classes = None
+        self.site_caches = []
         self.last_timestep = None
         self.stats.history = []
         self.stats.cache_bytes = 0
+
+    def store(self, residual: torch.Tensor, exit: torch.Tensor | None, site_caches: Sequence[torch.Tensor]) -> None:
+        self.residual, self.exit, self.site_caches = residual, exit, list(site_caches)
+        tensors = [residual, *([exit] if exit is not None else []), *self.site_caches]
+        self.stats.cache_bytes = sum(t.numel() * t.element_size() for t in tensors)
 
 
 def fingerprint(tensor: torch.Tensor) -> tuple:
@@ -105,7 +123,7 @@ def fingerprint(tensor: torch.Tensor) -> tuple:
 
 
 class HetCacheRuntime:
-    """Dispatches each call of one Dynamo graph to its full or reuse variant.
+    """Dispatches each call of one Dynamo graph to its full, partial or reuse variant.
 
     Not thread-safe: one denoising loop at a time, as in diffusers pipelines.
     """
@@ -114,24 +132,43 @@ class HetCacheRuntime:
                  variants: Variants, config: HetCacheConfig):
         self.config = config
         self.analysis = analysis
-        self.report = analysis.report()
         self.fallback_reason: str | None = None
         names = [n.name for n in placeholders(gm.graph)]
         index = {name: i for i, name in enumerate(names)}
+        self.num_outputs = len(output_node(gm.graph).args[0])
         self.parameter_ids = frozenset(id(x) for x in example_inputs if isinstance(x, torch.nn.Parameter))
         self.text_index = [index[n] for n in analysis.text_inputs]
         self.timestep_index = index[analysis.modulation.timestep_input] if analysis.modulation else None
         self.conditioning_index = _conditioning_indices(gm, analysis, index)
         self.full = CompiledVariant("full", variants.full, config.inner_backend)
         self.reuse = CompiledVariant("reuse", variants.reuse, config.inner_backend)
+        self.partial = (CompiledVariant("partial", variants.partial, config.inner_backend)
+                        if variants.partial is not None else None)
+        self.partial_note = variants.partial_refused
+        self.num_caches = len(variants.cached_sites) * variants.caches_per_site
+        self.relevance_site = variants.relevance_site
+        self.grid = analysis.token_grid
+        self.latent_index = index[self.grid.latent_input] if self.grid is not None else None
+        self.control_index = _vace_control_index(names, example_inputs, self.grid)
         self.probe = variants.probe
         self.branches: OrderedDict[tuple, BranchState] = OrderedDict()
         self.finished: list[BranchStats] = []  # stats of evicted branches, kept for totals
+        self._said: set[str] = set()
         LIVE_RUNTIMES.add(self)
+
+    @property
+    def report(self) -> str:
+        lines = [self.analysis.report(), f"variants: {', '.join(v.name for v in self.variants())}"]
+        if self.partial is not None:
+            lines.append(f"  partial: {self.num_caches} per-site caches, relevance at "
+                         f"{self.relevance_site.module}, prune={self.config.prune}")
+        else:
+            lines.append(f"  no partial variant: {self.partial_note}")
+        return "\n".join(lines)
 
     # -- public surface used by api.py ------------------------------------------------------
     def variants(self) -> list[CompiledVariant]:
-        return [self.full, self.reuse]
+        return [v for v in (self.full, self.partial, self.reuse) if v is not None]
 
     def branch_stats(self) -> list[BranchStats]:
         return self.finished + [state.stats for state in self.branches.values()]
@@ -146,20 +183,54 @@ class HetCacheRuntime:
         state = self._branch(args)
         self._maybe_start_new_run(state, args)
         modulation = self._run_probe(args) if self.config.schedule == "adaptive" else None
-        kind = state.scheduler.next_kind(modulation)
-        if kind is StepKind.PARTIAL:  # token-level partial steps are not built yet
-            kind = StepKind.FULL
-        if kind is StepKind.REUSE and state.residual is None:
-            kind = StepKind.FULL
+        kind = self._feasible(state, state.scheduler.next_kind(modulation))
         with torch.profiler.record_function(f"hetcache::{kind.value}"):
             if kind is StepKind.REUSE:
                 outputs = self.reuse(*args, state.residual)
+            elif kind is StepKind.PARTIAL:
+                outputs = self._partial_step(state, args)
             else:
-                *outputs, state.residual = self.full(*args)
-                state.stats.cache_bytes = state.residual.numel() * state.residual.element_size()
+                outputs = self._full_step(state, args)
         state.stats.record(kind.value)
         logger.debug("branch %s call %d: %s", state.stats.name, state.scheduler.calls, kind.value)
-        return tuple(outputs) if not isinstance(outputs, tuple) else outputs
+        return tuple(outputs)
+
+    def _feasible(self, state: BranchState, kind: StepKind) -> StepKind:
+        if kind is StepKind.REUSE and state.residual is None:
+            return StepKind.FULL
+        if kind is StepKind.PARTIAL and (state.selection is None or state.exit is None):
+            return StepKind.FULL
+        return kind
+
+    def _full_step(self, state: BranchState, args: Sequence[object]) -> list:
+        outputs = self.full(*args)
+        n = self.num_outputs
+        if self.partial is None:
+            state.store(outputs[n], None, [])
+            return outputs[:n]
+        residual, exit, *caches, query, key = outputs[n:]
+        state.store(residual, exit, caches)
+        if state.classes is not None:
+            with torch.profiler.record_function("hetcache::select"):
+                state.selection = self._select(state.classes, query, key, exit)
+        return outputs[:n]
+
+    def _partial_step(self, state: BranchState, args: Sequence[object]) -> list:
+        caches = state.site_caches if self.config.prune == "attention" else [state.exit, *state.site_caches]
+        outputs = self.partial(*args, state.selection, *caches)
+        n = self.num_outputs
+        residual, exit, *site_caches = outputs[n:]
+        state.store(residual, exit, site_caches)
+        state.stats.token_fractions.append(state.selection.numel() / state.classes.num_tokens)
+        return outputs[:n]
+
+    def _select(self, classes: TokenClasses, query: torch.Tensor, key: torch.Tensor,
+                exit: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        scores = relevance(query, key, classes.generative)
+        hidden = exit.float().mean(dim=0)
+        chosen = select_tokens(classes, scores, hidden, cfg.context_ratio, cfg.margin_ratio, cfg.num_clusters)
+        return chosen.to(exit.device)
 
     def _run_probe(self, args: Sequence[object]) -> torch.Tensor:
         with torch.profiler.record_function("hetcache::probe"):
@@ -199,8 +270,48 @@ class HetCacheRuntime:
             state.reset()
         if first or went_up or changed:
             state.stats.runs += 1
+            state.classes = self._token_classes(args)
         state.last_timestep = timestep
         state.conditioning = conditioning
+
+    def _token_classes(self, args: Sequence[object]) -> TokenClasses | None:
+        """G, M, C for this run from the user's mask or VACE's control mask; None: no partial steps."""
+        if self.partial is None:
+            return None
+        grid, patch = self.grid.grid, self.grid.patch
+        user_mask = USER_MASKS.lookup(self.parameter_ids)
+        if user_mask is not None:
+            mask = mask_to_token_grid(user_mask, grid, patch)
+        elif self.control_index is not None:
+            mask = mask_from_vace_control(args[self.control_index], patch)
+        else:
+            self._say_once("no mask: no input carries one and set_mask was not called; step-level caching only")
+            return None
+        batch = args[self.latent_index].shape[0]
+        if mask.shape[0] not in (1, batch):
+            raise ValueError(f"hetcache mask has batch {mask.shape[0]} but the model input has batch {batch}; "
+                             "pass one mask per sample or a single mask for all")
+        merged = mask.any(dim=0).cpu()  # S is shared by the batch: the union of every sample's edit
+        if not merged.any():
+            self._say_once("empty mask: nothing is edited, so no partial steps (step-level caching only)")
+            return None
+        return classify_tokens(merged, self.config.margin_radius)
+
+    def _say_once(self, message: str) -> None:
+        if message not in self._said:
+            self._said.add(message)
+            logger.warning("hetcache: %s", message)
+
+
+def _vace_control_index(names: Sequence[str], example_inputs: Sequence[object], grid) -> int | None:
+    """Position of VACE's ``control_hidden_states`` input (5-D, >= 64 channels, latent-sized), if any."""
+    if grid is None:
+        return None
+    for i, (name, value) in enumerate(zip(names, example_inputs)):
+        if "control_hidden_states" in name and isinstance(value, torch.Tensor) and value.dim() == 5 \
+                and value.shape[1] >= VACE_MASK_CHANNELS and tuple(value.shape[2:]) == grid.latent_shape[2:]:
+            return i
+    return None
 
 
 def _conditioning_indices(gm: fx.GraphModule, analysis: GraphAnalysis, index: dict[str, int]) -> list[int]:

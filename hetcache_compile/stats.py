@@ -20,6 +20,7 @@ class BranchStats:
     history: list[str] = field(default_factory=list)  # kinds of the current run, in call order
     runs: int = 0
     cache_bytes: int = 0
+    token_fractions: list[float] = field(default_factory=list)  # |S| / N of each partial step
 
     def record(self, kind: str) -> None:
         self.steps[kind] += 1
@@ -49,6 +50,12 @@ class HetCacheStats:
         return sum(self.steps.values())
 
     @property
+    def token_fraction(self) -> float | None:
+        """Mean fraction of tokens computed by partial steps (None when there were none)."""
+        fractions = [f for b in self.branches.values() for f in b.token_fractions]
+        return sum(fractions) / len(fractions) if fractions else None
+
+    @property
     def fallback_reason(self) -> str | None:
         return self.fallback_reasons[0] if self.fallback_reasons else None
 
@@ -56,6 +63,7 @@ class HetCacheStats:
         total = self.branches.setdefault(branch.name, BranchStats(branch.name))
         total.steps = {kind: total.steps[kind] + branch.steps[kind] for kind in STEP_KINDS}
         total.history = total.history + branch.history
+        total.token_fractions = total.token_fractions + branch.token_fractions
         total.runs += branch.runs
         total.cache_bytes += branch.cache_bytes
         for kind in STEP_KINDS:
@@ -65,6 +73,8 @@ class HetCacheStats:
     def summary(self) -> str:
         parts = [f"{kind}={self.steps[kind]}" for kind in STEP_KINDS]
         text = f"hetcache: {self.calls} calls ({', '.join(parts)}), cache {self.cache_bytes / 2**20:.1f} MiB"
+        if self.token_fraction is not None:
+            text += f", partial steps computed {100 * self.token_fraction:.0f}% of tokens"
         if self.fallback_reasons:
             text += f"; fell back: {self.fallback_reasons[0]}"
         return text

@@ -6,10 +6,12 @@ Installed as ``hetcache_compile.passes``. Entry points: ``analyze`` and ``build_
 
 from .attention import AttentionSite, find_attention_sites
 from .errors import PassFailed, RewriteRefused
+from .partial import build_partial_variant, cache_input_names
 from .pipeline import GraphAnalysis, Variants, analyze, build_variants
 from .probe import ModulationSignal, extract_probe, find_modulation
 from .record import build_full_variant
 from .reuse import RESIDUAL_INPUT, build_reuse_variant
+from .token_axis import check_token_local, find_token_inputs
 from .token_region import TokenRegion, find_token_region
 
 __all__ = [
@@ -23,6 +25,10 @@ __all__ = [
     "Variants",
     "analyze",
     "build_full_variant",
+    "build_partial_variant",
+    "cache_input_names",
+    "check_token_local",
+    "find_token_inputs",
     "build_reuse_variant",
     "build_variants",
     "extract_probe",

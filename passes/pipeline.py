@@ -18,9 +18,18 @@ import torch.fx as fx
 from .attention import AttentionSite, attention_operand, find_attention_sites
 from .errors import PassFailed, RewriteRefused
 from .graph_utils import ancestors, is_state_placeholder, placeholders
+from .partial import build_attention_partial_variant, build_partial_variant, cache_input_names
 from .probe import ModulationSignal, extract_probe, find_modulation
 from .record import build_full_variant
 from .reuse import RESIDUAL_INPUT, build_reuse_variant
+from .token_axis import (
+    TokenGrid,
+    check_token_local,
+    find_token_grid,
+    find_token_inputs,
+    placeholder_examples,
+    propagate_fake_shapes,
+)
 from .token_region import TokenRegion, find_token_region
 
 logger = logging.getLogger("hetcache_compile")
@@ -35,6 +44,27 @@ class GraphAnalysis:
     region: TokenRegion
     modulation: ModulationSignal | None
     text_inputs: tuple[str, ...]
+    token_inputs: dict[str, int]  # region input -> token dim; empty when partial steps are refused
+    token_grid: TokenGrid | None = None
+    partial_refused: str | None = None
+
+    @property
+    def self_sites(self) -> tuple[AttentionSite, ...]:
+        return tuple(s for s in self.sites if s.kind == "self")
+
+    def resolve_site(self, selector: int | str) -> AttentionSite:
+        """A self-attention site by index among self-attention sites, or by module path."""
+        sites = self.self_sites
+        if isinstance(selector, int):
+            if not -len(sites) <= selector < len(sites):
+                raise ValueError(f"relevance_site {selector} out of range: there are {len(sites)} "
+                                 "self-attention sites")
+            return sites[selector]
+        for site in sites:
+            if site.module == selector:
+                return site
+        raise ValueError(f"relevance_site {selector!r} is not a self-attention module; "
+                         f"choose one of {[s.module for s in sites]}")
 
     def report(self) -> str:
         """Human-readable summary, used by ``hetcache_compile.explain``."""
@@ -60,6 +90,13 @@ class GraphAnalysis:
             m = self.modulation
             lines.append(f"timestep-embedding probe: '{m.node}' shape {list(m.shape)} from input '{m.timestep_input}'")
         lines.append(f"text inputs (branch keys): {', '.join(self.text_inputs) or 'none'}")
+        if self.partial_refused:
+            lines.append(f"partial steps: refused ({self.partial_refused})")
+        else:
+            axes = ", ".join(f"{name}[dim {dim}]" for name, dim in self.token_inputs.items())
+            g = self.token_grid
+            lines.append(f"partial steps: token grid {list(g.grid)} of patch {list(g.patch)} over "
+                         f"'{g.latent_input}'; token inputs {axes}")
         return "\n".join(lines)
 
 
@@ -70,6 +107,16 @@ class Variants:
     full: fx.GraphModule
     reuse: fx.GraphModule
     probe: fx.GraphModule | None
+    partial: fx.GraphModule | None
+    partial_refused: str | None
+    cached_sites: tuple[str, ...]  # self-attention nodes whose caches the variants exchange
+    relevance_site: AttentionSite | None
+    prune: str = "block"
+
+    @property
+    def caches_per_site(self) -> int:
+        """Cache tensors per site: keys and values (block) or the attention output (attention)."""
+        return 1 if self.prune == "attention" else 2
 
 
 def _check_no_symbolic_inputs(example_inputs: Sequence[object]) -> None:
@@ -99,12 +146,24 @@ def analyze(gm: fx.GraphModule, example_inputs: Sequence[object]) -> GraphAnalys
         raise RewriteRefused(f"attention '{outside[0].module}' lies outside the block stack")
     modulation = run_pass("probe", find_modulation, gm, region, user_inputs)
     text_inputs = _text_inputs(gm, sites, user_inputs)
+    state_inputs = {n.name for n in nodes} - user_inputs
+    token_inputs, partial_refused = {}, None
+    token_grid = run_pass("token_grid", find_token_grid, gm, region, user_inputs)
+    try:
+        token_inputs = run_pass("token_axis", find_token_inputs, gm, region, state_inputs)
+        if token_grid is None:
+            raise RewriteRefused("no 5-D latent video input cut into a patch grid: the mask cannot be placed")
+    except RewriteRefused as refused:
+        partial_refused = str(refused)
     return GraphAnalysis(
         user_inputs=tuple(sorted(user_inputs)),
         sites=tuple(sites),
         region=region,
         modulation=modulation,
         text_inputs=text_inputs,
+        token_inputs=token_inputs,
+        token_grid=token_grid,
+        partial_refused=partial_refused,
     )
 
 
@@ -116,15 +175,69 @@ def _text_inputs(gm: fx.GraphModule, sites: Sequence[AttentionSite], user_inputs
     return tuple(n.name for n in placeholders(gm.graph) if n.name in found)
 
 
-def build_variants(gm: fx.GraphModule, analysis: GraphAnalysis) -> Variants:
-    """Build the full, reuse and probe graphs; ``gm`` is left unchanged."""
+def build_variants(gm: fx.GraphModule, analysis: GraphAnalysis, example_inputs: Sequence[object],
+                   relevance_site: int | str = -1, partial: bool = True, prune: str = "block") -> Variants:
+    """Build the full, reuse, probe and (if the region allows it) partial graphs; ``gm`` is unchanged.
+
+    A region that is not token-local keeps full and reuse steps and records why partial
+    steps were refused in ``Variants.partial_refused``.
+    """
     expected = [n.name for n in placeholders(gm.graph)]
-    full = run_pass("record", build_full_variant, gm, analysis.region, verify=(gm, expected))
-    reuse = run_pass("reuse", build_reuse_variant, gm, analysis.region, verify=(gm, expected + [RESIDUAL_INPUT]))
+    region = analysis.region
+    refused = analysis.partial_refused if partial else "disabled by the options"
+    sites = tuple(s.node for s in analysis.self_sites) if refused is None else ()
+    relevance = analysis.resolve_site(relevance_site) if refused is None else None
+    full = run_pass("record", build_full_variant, gm, region, sites, relevance.node if relevance else None,
+                    prune, verify=(gm, expected))
+    reuse = run_pass("reuse", build_reuse_variant, gm, region, verify=(gm, expected + [RESIDUAL_INPUT]))
     probe = None
     if analysis.modulation is not None:
         probe = run_pass("probe_graph", extract_probe, gm, analysis.modulation.node, verify=(gm, expected))
-    return Variants(full=full, reuse=reuse, probe=probe)
+    partial_gm = None
+    if refused is None:
+        try:
+            partial_gm = run_pass("partial", _build_checked_partial, gm, analysis, example_inputs, sites, prune,
+                                  verify=(gm, expected + cache_input_names(len(sites), prune)))
+        except RewriteRefused as error:
+            refused = str(error)
+            full = run_pass("record", build_full_variant, gm, region, verify=(gm, expected))
+            sites, relevance = (), None
+    return Variants(full=full, reuse=reuse, probe=probe, partial=partial_gm, partial_refused=refused,
+                    cached_sites=sites, relevance_site=relevance, prune=prune)
+
+
+def _build_checked_partial(gm: fx.GraphModule, analysis: GraphAnalysis, example_inputs: Sequence[object],
+                           sites: Sequence[str], prune: str) -> fx.GraphModule:
+    """Build the partial variant and prove on fake tensors that it is token-local."""
+    by_name = {n.name: n for n in gm.graph.nodes}
+    tokens = analysis.region.num_tokens
+    selected = max(1, tokens - 1)
+    extra = {
+        "hetcache_index": torch.arange(selected),
+        "hetcache_exit_cache": _empty_like_meta(by_name[analysis.region.exit]),
+    }
+    for j, name in enumerate(sites):
+        site = by_name[name]
+        extra[f"hetcache_k{j}"] = _empty_like_meta(attention_operand(site, 1, "key"))
+        extra[f"hetcache_v{j}"] = _empty_like_meta(attention_operand(site, 2, "value"))
+        extra[f"hetcache_a{j}"] = _empty_like_meta(site)
+    if prune == "attention":
+        partial = build_attention_partial_variant(gm, analysis.region, sites)
+        propagate_fake_shapes(partial, placeholder_examples(partial, example_inputs, extra))
+        return partial  # only attention queries shrink: nothing else can mix tokens
+    partial = build_partial_variant(gm, analysis.region, analysis.token_inputs, sites)
+    try:
+        propagate_fake_shapes(partial, placeholder_examples(partial, example_inputs, extra))
+    except Exception as error:  # noqa: BLE001 - a shape error here means a hard-coded token count
+        raise RewriteRefused(f"the block stack does not run on a subset of tokens: {type(error).__name__}: "
+                             f"{str(error).splitlines()[0][:200]}") from error
+    check_token_local(gm, partial, analysis.region, selected)
+    return partial
+
+
+def _empty_like_meta(node: fx.Node) -> torch.Tensor:
+    value = node.meta["example_value"]
+    return torch.empty(tuple(value.shape), dtype=value.dtype, device=value.device)
 
 
 def run_pass(name: str, fn: Callable, *args, verify: tuple[fx.GraphModule, list[str]] | None = None):

@@ -1,22 +1,34 @@
-"""Build the *full* variant: the original graph plus what the runtime must remember.
+"""Build the *full* variant: the original graph plus everything the runtime must remember.
 
-Contract: ``build_full_variant(gm, region)`` returns a new GraphModule with the same
-placeholders as ``gm`` whose outputs are ``gm``'s outputs followed by the stack residual
-``R = exit - stream_input`` (the total change the block stack, VACE branch included, made to
-the token stream). ``gm`` is not modified; every original node keeps its ``meta``.
+Contract: ``build_full_variant(gm, region, sites=(), relevance_site=None, prune="block")``
+returns a new GraphModule with the same placeholders as ``gm``. Its outputs are ``gm``'s
+outputs, then:
+
+- the stack residual ``R = exit - stream_input`` (the total change the block stack, VACE
+  branch included, made to the token stream; reuse steps add it back);
+- the region exit (final hidden states of all tokens, the partial steps' scatter target);
+- per self-attention site in ``sites``: with ``prune="block"`` its keys and values
+  ``k0, v0, k1, v1, ...`` as the attention op reads them (after norm and RoPE); with
+  ``prune="attention"`` its attention output ``a0, a1, ...``;
+- if ``relevance_site`` is given, the queries and keys of that site (for token selection).
+
+``gm`` is not modified; every original node keeps its ``meta``.
 """
 
 from __future__ import annotations
 
 import operator
+from collections.abc import Sequence
 
 import torch.fx as fx
 
+from .attention import attention_operand
 from .graph_utils import copy_graph_module, finalize, output_node
 from .token_region import TokenRegion
 
 
-def build_full_variant(gm: fx.GraphModule, region: TokenRegion) -> fx.GraphModule:
+def build_full_variant(gm: fx.GraphModule, region: TokenRegion, sites: Sequence[str] = (),
+                       relevance_site: str | None = None, prune: str = "block") -> fx.GraphModule:
     full = copy_graph_module(gm)
     by_name = {n.name: n for n in full.graph.nodes}
     exit_node, stream = by_name[region.exit], by_name[region.stream_input]
@@ -24,7 +36,17 @@ def build_full_variant(gm: fx.GraphModule, region: TokenRegion) -> fx.GraphModul
         residual = full.graph.call_function(operator.sub, (exit_node, stream))
     residual.name = "hetcache_residual"
     residual.meta["example_value"] = exit_node.meta.get("example_value")
+
+    extra = [residual, exit_node]
+    for name in sites:
+        site = by_name[name]
+        if prune == "attention":
+            extra.append(site)
+        else:
+            extra += [attention_operand(site, 1, "key"), attention_operand(site, 2, "value")]
+    if relevance_site is not None:
+        site = by_name[relevance_site]
+        extra += [attention_operand(site, 0, "query"), attention_operand(site, 1, "key")]
     output = output_node(full.graph)
-    outputs = output.args[0]
-    output.args = (tuple(outputs) + (residual,),)
+    output.args = (tuple(output.args[0]) + tuple(extra),)
     return finalize(full)

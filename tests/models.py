@@ -39,11 +39,27 @@ def transformer_inputs(batch: int = 1, frames: int = 3, height: int = 8, width: 
         "hidden_states": torch.randn(batch, 16, frames, height, width, generator=generator),
         "timestep": torch.full((batch,), 500.0),
         "encoder_hidden_states": torch.randn(batch, text_len, text_dim, generator=generator),
-        "control_hidden_states": torch.randn(batch, 96, frames, height, width, generator=generator),
+        "control_hidden_states": vace_control(box_mask(frames, height, width, batch=batch)),
     }
 
 
-def edit_inputs(frames: int = 9, height: int = 32, width: int = 32, text_len: int = 5, text_dim: int = 32,
+def box_mask(frames: int = 3, height: int = 8, width: int = 8, box=(2, 6, 2, 6), batch: int = 1) -> torch.Tensor:
+    """Latent-resolution edit mask ``[B, F, H, W]``: 1 inside ``box = (top, bottom, left, right)``."""
+    mask = torch.zeros(batch, frames, height, width)
+    top, bottom, left, right = box
+    mask[:, :, top:bottom, left:right] = 1.0
+    return mask
+
+
+def vace_control(latent_mask: torch.Tensor, seed: int = 2) -> torch.Tensor:
+    """``control_hidden_states`` as WanVACEPipeline builds it: 32 latent channels, then 64 mask channels."""
+    generator = torch.Generator().manual_seed(seed)
+    batch, frames, height, width = latent_mask.shape
+    latents = torch.randn(batch, 32, frames, height, width, generator=generator)
+    return torch.cat([latents, latent_mask.unsqueeze(1).expand(-1, 64, -1, -1, -1)], dim=1)
+
+
+def edit_inputs(frames: int = 9, height: int = 64, width: int = 64, text_len: int = 5, text_dim: int = 32,
                 seed: int = 0) -> dict:
     """A masked video edit for ``WanVACEPipeline``: random video, a centred box mask, text embeddings."""
     from PIL import Image

@@ -47,7 +47,7 @@ def test_analysis_finds_every_attention_site_and_the_block_stacks(captured):
 
 def test_reuse_variant_runs_no_block_and_no_attention(captured):
     gm, example_inputs = captured
-    variants = build_variants(gm, analyze(gm, example_inputs))
+    variants = build_variants(gm, analyze(gm, example_inputs), example_inputs)
     assert count(gm, is_attention) == 12
     assert count(variants.full, is_attention) == 12
     assert count(variants.reuse, is_attention) == 0
@@ -59,7 +59,7 @@ def test_reuse_variant_runs_no_block_and_no_attention(captured):
 def test_variants_leave_the_input_graph_untouched_and_keep_meta(captured):
     gm, example_inputs = captured
     code_before = gm.code
-    variants = build_variants(gm, analyze(gm, example_inputs))
+    variants = build_variants(gm, analyze(gm, example_inputs), example_inputs)
     assert gm.code == code_before
     originals = {n.name: n for n in gm.graph.nodes}
     for node in variants.full.graph.nodes:
@@ -69,10 +69,10 @@ def test_variants_leave_the_input_graph_untouched_and_keep_meta(captured):
 
 def test_variants_compute_what_the_original_computes(captured):
     gm, example_inputs = captured
-    variants = build_variants(gm, analyze(gm, example_inputs))
+    variants = build_variants(gm, analyze(gm, example_inputs), example_inputs)
     expected = gm(*example_inputs)[0]
-    *outputs, residual = variants.full(*example_inputs)
-    torch.testing.assert_close(outputs[0], expected)
+    sample, residual, *_caches = variants.full(*example_inputs)
+    torch.testing.assert_close(sample, expected)
     torch.testing.assert_close(variants.reuse(*example_inputs, residual)[0], expected, rtol=1e-5, atol=1e-5)
     modulation = variants.probe(*example_inputs)[0]
     assert modulation.shape == (1, 6, 24)
@@ -112,3 +112,51 @@ def capture_graph_plain(model, *args):
 
     torch.compile(model, backend=backend)(*args)
     return graphs[0]
+
+
+def test_partial_variant_on_any_subset_equals_full_when_inputs_are_unchanged(captured):
+    gm, example_inputs = captured
+    variants = build_variants(gm, analyze(gm, example_inputs), example_inputs)
+    expected = gm(*example_inputs)[0]
+    residual, exit_cache, *caches, _query, _key = variants.full(*example_inputs)[1:]
+    assert len(caches) == 2 * 6  # keys and values of the six self-attention sites
+    for subset in (torch.arange(48), torch.tensor([0, 5, 7, 30, 47])):
+        out = variants.partial(*example_inputs, subset, exit_cache, *caches)
+        torch.testing.assert_close(out[0], expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out[1], residual, rtol=1e-5, atol=1e-5)
+
+
+class MixingBlock(torch.nn.Module):
+    """A block that mixes tokens outside attention (a global mean): not token-local."""
+
+    def __init__(self, dim=16):
+        super().__init__()
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, -1)).permute(2, 0, 3, 1, 4).unbind(0)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+        return x + out + x.mean(dim=1, keepdim=True)
+
+
+class MixingModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Conv3d(4, 16, kernel_size=(1, 2, 2), stride=(1, 2, 2))
+        self.blocks = torch.nn.ModuleList([MixingBlock(), MixingBlock()])
+
+    def forward(self, video):
+        x = self.embed(video).flatten(2).transpose(1, 2)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_a_token_mixing_op_refuses_partial_steps_and_names_the_op():
+    gm, example_inputs = capture_graph_plain(MixingModel(), torch.randn(1, 4, 2, 6, 6))
+    analysis = analyze(gm, example_inputs)
+    variants = build_variants(gm, analysis, example_inputs)
+    assert variants.partial is None
+    assert "mean" in variants.partial_refused and "not token-local" in variants.partial_refused
+    residual = variants.full(*example_inputs)[1]
+    torch.testing.assert_close(variants.reuse(*example_inputs, residual)[0], gm(*example_inputs)[0])

@@ -1,0 +1,132 @@
+"""Spatial priors: the edit mask on the DiT token grid, and the token classes it implies.
+
+A token covers ``patch`` latent cells; with Wan's VAE (4x in time with the first frame alone,
+8x in space) and patch (1, 2, 2) one token is 4 frames x 16 x 16 pixels. Classes:
+
+- generative G: any latent cell (or pixel) under the token is masked: an edited token is never
+  treated as background;
+- margin M: other tokens within Euclidean distance ``radius`` (in tokens) of G, per frame;
+- context C: the rest.
+
+>>> import torch
+>>> mask = torch.zeros(1, 4, 6, dtype=torch.bool); mask[0, 1, 1] = True
+>>> classes = classify_tokens(mask, radius=1)
+>>> classes.generative.tolist(), classes.margin.tolist()
+([7], [1, 6, 8, 13])
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+VACE_MASK_CHANNELS = 64  # 8 x 8 pixels per latent cell, after the 32 latent channels
+PIXEL_FACTORS = (4, 8, 8)  # Wan VAE: temporal, height, width
+
+
+@dataclass(frozen=True)
+class TokenClasses:
+    """Sorted flat token indices (raster order over ``grid``) of each class."""
+
+    grid: tuple[int, int, int]
+    generative: torch.Tensor
+    margin: torch.Tensor
+    context: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return math.prod(self.grid)
+
+
+def classify_tokens(mask: torch.Tensor, radius: float) -> TokenClasses:
+    """Split a token-grid mask ``[F', H', W']`` (bool; any batch already merged) into G, M, C."""
+    grid = tuple(mask.shape)
+    generative = mask.bool()
+    r = int(math.floor(radius))
+    if r > 0 and generative.any():
+        offsets = torch.arange(-r, r + 1, dtype=torch.float32)
+        disk = ((offsets[:, None] ** 2 + offsets[None, :] ** 2) <= radius**2).float()
+        near = F.conv2d(generative.float().unsqueeze(1), disk[None, None], padding=r).squeeze(1) > 0
+    else:
+        near = generative
+    margin = near & ~generative
+    flat = lambda m: m.flatten().nonzero().flatten()  # noqa: E731
+    return TokenClasses(grid=grid, generative=flat(generative), margin=flat(margin),
+                        context=flat(~near))
+
+
+def mask_from_vace_control(control: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:
+    """Token-grid mask ``[B, F', H', W']`` from VACE's ``control_hidden_states`` ``[B, 96, F, H, W]``.
+
+    The last 64 channels hold the pixel mask, 8x8 pixels per latent cell (diffusers'
+    ``WanVACEPipeline.prepare_masks``); a pixel above 0.5 is edited (the pipeline's own cut).
+    """
+    pixels = control[:, -VACE_MASK_CHANNELS:].float() > 0.5
+    latent_cells = pixels.any(dim=1)  # [B, F, H, W]
+    return _pool_any(latent_cells, patch)
+
+
+def _pool_any(cells: torch.Tensor, factors: tuple[int, int, int]) -> torch.Tensor:
+    """Any-pool ``[B, F, H, W]`` by ``factors`` (exact division required)."""
+    b, f, h, w = cells.shape
+    pf, ph, pw = factors
+    return cells.reshape(b, f // pf, pf, h // ph, ph, w // pw, pw).any(dim=(2, 4, 6))
+
+
+def expected_pixel_shape(grid: tuple[int, int, int], patch: tuple[int, int, int]) -> tuple[int, int, int]:
+    f, h, w = grid
+    latent_frames = f * patch[0]
+    return (PIXEL_FACTORS[0] * (latent_frames - 1) + 1, h * patch[1] * PIXEL_FACTORS[1],
+            w * patch[2] * PIXEL_FACTORS[2])
+
+
+def mask_to_token_grid(mask: torch.Tensor, grid: tuple[int, int, int], patch: tuple[int, int, int]) -> torch.Tensor:
+    """Accept a token-grid mask ``[(B,) F', H', W']`` or a pixel mask video ``[(B,) F, H, W]``.
+
+    Returns a bool ``[B, F', H', W']``. Raises ``ValueError`` naming both expected grids when the
+    shape fits neither.
+    """
+    if not isinstance(mask, torch.Tensor) or mask.dim() not in (3, 4):
+        raise ValueError(f"hetcache mask must be a 3-D or 4-D tensor, got {type(mask).__name__} "
+                         f"{getattr(mask, 'shape', '')}")
+    batched = mask if mask.dim() == 4 else mask.unsqueeze(0)
+    spatial = tuple(batched.shape[1:])
+    if spatial == tuple(grid):
+        return batched.bool()
+    pixel_shape = expected_pixel_shape(grid, patch)
+    if spatial == pixel_shape:
+        pixels = batched.float() > 0.5
+        first, rest = pixels[:, :1], pixels[:, 1:]
+        latent_frames = torch.cat([first, rest.reshape(rest.shape[0], -1, PIXEL_FACTORS[0],
+                                                       *rest.shape[2:]).any(dim=2)], dim=1)
+        cell = (patch[0], patch[1] * PIXEL_FACTORS[1], patch[2] * PIXEL_FACTORS[2])
+        return _pool_any(latent_frames, cell)
+    raise ValueError(f"hetcache mask of shape {list(mask.shape)} does not fit this model's input: expected a "
+                     f"token grid [F', H', W'] = {list(grid)} or a pixel mask video [F, H, W] = "
+                     f"{list(pixel_shape)} (optionally with a batch dimension first)")
+
+
+class MaskStore:
+    """Masks set with ``hetcache_compile.set_mask``, per model, found by parameter identity."""
+
+    def __init__(self) -> None:
+        self._masks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def set(self, model: torch.nn.Module, mask: torch.Tensor | None) -> None:
+        if mask is None:
+            self._masks.pop(model, None)
+        else:
+            self._masks[model] = mask.detach()
+
+    def lookup(self, parameter_ids: frozenset[int]) -> torch.Tensor | None:
+        for model, mask in list(self._masks.items()):
+            if any(id(p) in parameter_ids for p in model.parameters()):
+                return mask
+        return None
+
+
+USER_MASKS = MaskStore()

@@ -1,0 +1,135 @@
+"""Build the *partial* variant: compute the selected tokens S, reuse cached rows for the rest.
+
+Contract: ``build_partial_variant(gm, region, token_inputs, sites)`` returns a new GraphModule
+whose placeholders are ``gm``'s followed by ``hetcache_index`` (int64 ``[|S|]``, sorted token
+indices), ``hetcache_exit_cache`` (the region exit of the last computed step, all tokens) and
+``hetcache_k{j}``, ``hetcache_v{j}`` for each self-attention site j (its keys/values of the
+last computed step, all tokens, in the layout attention reads them). It:
+
+1. gathers every token input of the region at S (``token_inputs``: name -> token dim);
+2. runs the region on |S| tokens; at each self-attention site the keys and values are the
+   cached ones with rows S replaced by the fresh ones (``index_copy``), queries are S only;
+3. scatters the region exit into the cached exit and runs the epilogue on all tokens.
+
+Outputs: ``gm``'s outputs, then the stack residual, the new exit cache and the new key/value
+caches (``k0, v0, k1, v1, ...``), i.e. the layout of ``build_full_variant``'s cache outputs.
+With S = all tokens it computes exactly what ``gm`` computes. ``gm`` is not modified.
+
+``build_attention_partial_variant(gm, region, sites)`` is the ``prune="attention"`` form (the
+paper's code): every op runs on all tokens except self-attention, whose queries are S only;
+the attention output of the other tokens comes from the per-site cache ``hetcache_a{j}``.
+Placeholders: ``gm``'s, ``hetcache_index``, ``hetcache_a0, hetcache_a1, ...``; outputs:
+``gm``'s, residual, exit, ``a0, a1, ...``.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+
+import torch
+import torch.fx as fx
+
+from .attention import attention_operand
+from .graph_utils import copy_graph_module, finalize, output_node, placeholders, prune_dead_nodes, tensor_shape
+from .token_axis import GATHER_PREFIX
+from .token_region import TokenRegion
+
+INDEX_INPUT = "hetcache_index"
+EXIT_CACHE_INPUT = "hetcache_exit_cache"
+
+
+def cache_input_names(num_sites: int, prune: str = "block") -> list[str]:
+    """Placeholder names the partial variant adds, in order."""
+    if prune == "attention":
+        return [INDEX_INPUT] + [f"hetcache_a{j}" for j in range(num_sites)]
+    names = [INDEX_INPUT, EXIT_CACHE_INPUT]
+    for j in range(num_sites):
+        names += [f"hetcache_k{j}", f"hetcache_v{j}"]
+    return names
+
+
+def set_attention_operand(node: fx.Node, index: int, name: str, value: fx.Node) -> None:
+    if len(node.args) > index:
+        args = list(node.args)
+        args[index] = value
+        node.args = tuple(args)
+    else:
+        node.kwargs = {**node.kwargs, name: value}
+
+
+def build_partial_variant(gm: fx.GraphModule, region: TokenRegion, token_inputs: dict[str, int],
+                          sites: Sequence[str]) -> fx.GraphModule:
+    partial = copy_graph_module(gm)
+    graph = partial.graph
+    by_name = {n.name: n for n in graph.nodes}
+    inputs = _add_placeholders(graph, cache_input_names(len(sites)))
+    index = inputs[INDEX_INPUT]
+
+    for name, dim in token_inputs.items():
+        source = by_name[name]
+        with graph.inserting_after(source):
+            gathered = graph.call_function(torch.index_select, (source, dim, index))
+        gathered.name = f"{GATHER_PREFIX}_{name}"
+        source.replace_all_uses_with(gathered, delete_user_cb=lambda user: user.name in region.nodes)
+
+    fresh_caches = []
+    for j, site_name in enumerate(sites):
+        site = by_name[site_name]
+        for operand, (position, keyword) in (("k", (1, "key")), ("v", (2, "value"))):
+            fresh = attention_operand(site, position, keyword)
+            dim = len(tensor_shape(fresh)) - 2
+            with graph.inserting_before(site):
+                spliced = graph.call_function(torch.index_copy, (inputs[f"hetcache_{operand}{j}"], dim, index, fresh))
+            set_attention_operand(site, position, keyword, spliced)
+            fresh_caches.append(spliced)
+
+    exit_node, stream = by_name[region.exit], by_name[region.stream_input]
+    with graph.inserting_after(exit_node):
+        exit_full = graph.call_function(torch.index_copy, (inputs[EXIT_CACHE_INPUT], 1, index, exit_node))
+    exit_node.replace_all_uses_with(exit_full, delete_user_cb=lambda user: user is not exit_full
+                                    and user.name not in region.nodes)
+    with graph.inserting_after(exit_full):
+        residual = graph.call_function(operator.sub, (exit_full, stream))
+
+    output = output_node(graph)
+    output.args = (tuple(output.args[0]) + (residual, exit_full, *fresh_caches),)
+    prune_dead_nodes(graph)
+    return finalize(partial)
+
+
+def build_attention_partial_variant(gm: fx.GraphModule, region: TokenRegion,
+                                    sites: Sequence[str]) -> fx.GraphModule:
+    partial = copy_graph_module(gm)
+    graph = partial.graph
+    by_name = {n.name: n for n in graph.nodes}
+    inputs = _add_placeholders(graph, cache_input_names(len(sites), "attention"))
+    index = inputs[INDEX_INPUT]
+    fresh_caches = []
+    for j, site_name in enumerate(sites):
+        site = by_name[site_name]
+        query = attention_operand(site, 0, "query")
+        dim = len(tensor_shape(query)) - 2
+        with graph.inserting_before(site):
+            gathered = graph.call_function(torch.index_select, (query, dim, index))
+        set_attention_operand(site, 0, "query", gathered)
+        with graph.inserting_after(site):
+            spliced = graph.call_function(torch.index_copy, (inputs[f"hetcache_a{j}"], dim, index, site))
+        site.replace_all_uses_with(spliced, delete_user_cb=lambda user: user is not spliced)
+        fresh_caches.append(spliced)
+    exit_node, stream = by_name[region.exit], by_name[region.stream_input]
+    with graph.inserting_after(exit_node):
+        residual = graph.call_function(operator.sub, (exit_node, stream))
+    output = output_node(graph)
+    output.args = (tuple(output.args[0]) + (residual, exit_node, *fresh_caches),)
+    return finalize(partial)
+
+
+def _add_placeholders(graph: fx.Graph, names: Sequence[str]) -> dict[str, fx.Node]:
+    added = {}
+    anchor = placeholders(graph)[-1]
+    for name in names:
+        with graph.inserting_after(anchor):
+            anchor = graph.placeholder(name)
+        added[name] = anchor
+    return added
