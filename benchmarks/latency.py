@@ -6,6 +6,7 @@ random-weight components from ``tests/models.py`` for each configuration:
 * ``eager``: the transformer uncompiled;
 * ``torch.compile``: plain ``torch.compile(backend=<inner backend>)`` (Inductor by default), the baseline;
 * ``hetcache adaptive``: ``backend="hetcache"`` with default options;
+* ``hetcache adaptive, partial=False``: the same with step-level caching only (full or reuse);
 * ``hetcache fixed``: a fixed schedule ``FF`` + ``RF``... that reuses about half the steps;
 * ``hetcache full``: ``schedule="full"``, never reuses (measures the runtime's own overhead).
 
@@ -169,12 +170,16 @@ def main(argv: list[str] | None = None) -> None:
         Config("eager", None),
         Config(f"torch.compile ({inner})", inner),
         Config("hetcache adaptive", "hetcache", {"inner_backend": inner}),
+        Config("hetcache adaptive, partial=False", "hetcache", {"partial": False, "inner_backend": inner}),
         Config(f"hetcache fixed {fixed}", "hetcache", {"schedule": fixed, "inner_backend": inner}),
         Config("hetcache full", "hetcache", {"schedule": "full", "inner_backend": inner}),
     ]
 
     machine = machine_description()
     load_before = os.getloadavg()
+    if load_before[0] > 0.5 and torch.get_num_threads() > 1:
+        log.warning("load average %.2f: other processes are running; eager PyTorch with one thread per core "
+                    "can slow down 100x when a core is taken, consider --threads 1", load_before[0])
     log.info("machine: %s", machine)
     log.info("model %s, inputs %s, %d steps, %d timed runs per config", model_kwargs, input_kwargs, steps, repeats)
     base = tiny_vace_transformer(**model_kwargs)

@@ -6,7 +6,7 @@ the step kind hetcache chose for every transformer call of each CFG branch, the 
 plain torch.compile (Inductor), and the start of ``hetcache_compile.explain``.
 
     python examples/demo.py                    # default hetcache options (adaptive schedule)
-    python examples/demo.py --threshold 0.6    # let the adaptive schedule reuse more
+    python examples/demo.py --preset fast      # let the adaptive schedule skip more
     python examples/demo.py --schedule FFRFRF  # a fixed schedule (last letter repeats)
 
 Takes about a minute or two on 2 CPU cores, most of it Inductor compiling.
@@ -58,9 +58,12 @@ def main() -> None:
     parser.add_argument("--schedule", help="hetcache option: 'adaptive' (default), 'full' or e.g. 'FFRFRF'")
     parser.add_argument("--threshold", type=float, help="hetcache option: adaptive-schedule threshold")
     parser.add_argument("--preset", choices=("quality", "balanced", "fast"), help="hetcache option")
+    parser.add_argument("--inner-backend", choices=("inductor", "aot_eager", "eager"),
+                        help="hetcache option: compiler of its variants (default inductor)")
     args = parser.parse_args()
     options = {key: value for key, value in (("schedule", args.schedule), ("threshold", args.threshold),
-                                             ("preset", args.preset)) if value is not None}
+                                             ("preset", args.preset), ("inner_backend", args.inner_backend))
+               if value is not None}
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; masked edit of "
           f"{INPUTS['frames']} frames {INPUTS['height']}x{INPUTS['width']}, {args.steps} steps, CFG on")
@@ -83,10 +86,11 @@ def main() -> None:
     print(f"\nspeedup vs plain torch.compile: {baseline / seconds:.2f}x "
           f"({baseline:.2f} s -> {seconds:.2f} s, second runs)")
     print(f"max abs difference of the video vs plain torch.compile: {(video - reference).abs().max().item():.2e}")
-    if stats.steps["reuse"] == 0 and not stats.fallback_reasons:
-        print("note: no call was reused, so hetcache only adds its bookkeeping. With random weights the\n"
-              "      timestep modulation changes by 0.35-0.8 (relative L1) per step, above the default threshold\n"
-              "      0.2; a trained Wan model changes far less. Try --threshold 0.6 or --schedule FFRF.")
+    if stats.steps["reuse"] + stats.steps["partial"] == 0 and not stats.fallback_reasons:
+        threshold = hc.HetCacheConfig.from_options(options).threshold
+        print(f"note: every call was full, so hetcache only added its bookkeeping: the timestep modulation\n"
+              f"      changed by more than the threshold ({threshold}) at each step. Random weights change\n"
+              f"      it more than a trained Wan model does; try a larger --threshold or --schedule FFRF.")
 
     # explain() lists every attention site; keep the summary lines.
     explanation = hc.explain(model).splitlines()

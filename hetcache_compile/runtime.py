@@ -45,30 +45,46 @@ LIVE_RUNTIMES: weakref.WeakSet = weakref.WeakSet()
 
 
 class CompiledVariant:
-    """A variant graph compiled by the inner backend on first use (once), timed."""
+    """A variant graph compiled by the inner backend on first use, once per input shape, timed.
 
-    def __init__(self, name: str, gm: fx.GraphModule, inner_backend: str):
+    ``specialize_on`` is the position of the input whose shape may change between videos (the
+    partial variant's index, of length ``|S|``); each new shape compiles once more, at most
+    ``max_shapes`` kept.
+    """
+
+    def __init__(self, name: str, gm: fx.GraphModule, inner_backend: str, specialize_on: int | None = None,
+                 max_shapes: int = 4):
         self.name = name
         self.gm = gm
         self.inner_backend = inner_backend
-        self.compiled: Callable | None = None
+        self.specialize_on = specialize_on
+        self.max_shapes = max_shapes
+        self.compiled: OrderedDict[tuple, Callable] = OrderedDict()
         self.compile_seconds = 0.0
         self.compile_count = 0
 
     def __call__(self, *args):
-        if self.compiled is None:
-            self._compile(args)
-        return self.compiled(*args)
+        key = tuple(args[self.specialize_on].shape) if self.specialize_on is not None else ()
+        compiled = self.compiled.get(key)
+        if compiled is None:
+            compiled = self._compile(args)
+            self.compiled[key] = compiled
+            if len(self.compiled) > self.max_shapes:
+                self.compiled.popitem(last=False)
+        self.compiled.move_to_end(key)
+        return compiled(*args)
 
-    def _compile(self, args: Sequence[object]) -> None:
+    def _compile(self, args: Sequence[object]) -> Callable:
         _maybe_dump(self.name, self.gm)
         start = time.perf_counter()
         compiler = torch._dynamo.lookup_backend(self.inner_backend)
         # Inductor takes ownership of the graph it is given and may mutate it.
-        self.compiled = compiler(_fresh_copy(self.gm), list(args))
-        self.compile_seconds += time.perf_counter() - start
+        compiled = compiler(_fresh_copy(self.gm), list(args))
+        seconds = time.perf_counter() - start
+        self.compile_seconds += seconds
         self.compile_count += 1
-        logger.info("compiled %s variant with %s in %.1f s", self.name, self.inner_backend, self.compile_seconds)
+        logger.info("compiled %s variant with %s in %.1f s", self.name, self.inner_backend, seconds)
+        return compiled
 
 
 def _fresh_copy(gm: fx.GraphModule) -> fx.GraphModule:
@@ -142,7 +158,7 @@ class HetCacheRuntime:
         self.conditioning_index = _conditioning_indices(gm, analysis, index)
         self.full = CompiledVariant("full", variants.full, config.inner_backend)
         self.reuse = CompiledVariant("reuse", variants.reuse, config.inner_backend)
-        self.partial = (CompiledVariant("partial", variants.partial, config.inner_backend)
+        self.partial = (CompiledVariant("partial", variants.partial, config.inner_backend, specialize_on=len(names))
                         if variants.partial is not None else None)
         self.partial_note = variants.partial_refused
         self.num_caches = len(variants.cached_sites) * variants.caches_per_site

@@ -212,8 +212,9 @@ def _build_checked_partial(gm: fx.GraphModule, analysis: GraphAnalysis, example_
     by_name = {n.name: n for n in gm.graph.nodes}
     tokens = analysis.region.num_tokens
     selected = max(1, tokens - 1)
+    exit_value = by_name[analysis.region.exit].meta["example_value"]
     extra = {
-        "hetcache_index": torch.arange(selected),
+        "hetcache_index": torch.arange(selected, device=exit_value.device),
         "hetcache_exit_cache": _empty_like_meta(by_name[analysis.region.exit]),
     }
     for j, name in enumerate(sites):

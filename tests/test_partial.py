@@ -124,13 +124,26 @@ def test_batch_with_per_sample_masks_uses_their_union(transformer):
     torch.testing.assert_close(partial, full, rtol=1e-4, atol=1e-4)
 
 
+def test_a_new_video_with_another_mask_specialises_the_partial_variant_again(transformer):
+    compiled = compile_hetcache(transformer, schedule="FP", margin_radius=0, context_ratio=0.0)
+    for box in ((0, 2, 0, 2), (0, 4, 0, 4)):  # 3 then 12 generative tokens per video
+        inputs = transformer_inputs()
+        inputs["control_hidden_states"] = vace_control(box_mask(box=box))
+        run(compiled, inputs)
+        out = run(compiled, inputs)
+        torch.testing.assert_close(out, run(transformer, inputs), rtol=1e-4, atol=1e-4)
+    stats = hc.stats(transformer)
+    assert stats.branches["cond"].token_fractions == [3 / 48, 12 / 48]
+    assert stats.compile_counts["partial"] == 2
+
+
 @pytest.mark.parametrize("prune", ["block", "attention"])
 def test_pipeline_default_preset_uses_every_step_kind(prune):
     from models import edit_inputs, tiny_vace_pipeline
 
     pipe = tiny_vace_pipeline()
     pipe.transformer = torch.compile(pipe.transformer, backend="hetcache",
-                                     options={"inner_backend": "aot_eager", "margin_radius": 1, "prune": prune})
+                                     options={"inner_backend": "aot_eager", "prune": prune})
     video = pipe(**edit_inputs(), num_inference_steps=16, guidance_scale=5.0, output_type="pt",
                  generator=torch.Generator().manual_seed(0)).frames
     assert torch.isfinite(video).all()
