@@ -100,7 +100,7 @@ def variant_flops(config: dict, frames: int, height: int, width: int, selected: 
     if variants.partial is None:
         raise RuntimeError(f"no partial variant: {variants.partial_refused}")
     full = count(lambda: variants.full(*example_inputs))
-    outputs = variants.full(*example_inputs)
+    outputs = variants.record(*example_inputs)
     residual, exit_cache, *caches = outputs[1:-2]
     reuse = count(lambda: variants.reuse(*example_inputs, residual))
     probe = count(lambda: variants.probe(*example_inputs))

@@ -60,7 +60,10 @@ def main() -> None:
     parser.add_argument("--preset", choices=("quality", "balanced", "fast"), help="hetcache option")
     parser.add_argument("--inner-backend", choices=("inductor", "aot_eager", "eager"),
                         help="hetcache option: compiler of its variants (default inductor)")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: one per core)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     options = {key: value for key, value in (("schedule", args.schedule), ("threshold", args.threshold),
                                              ("preset", args.preset), ("inner_backend", args.inner_backend))
                if value is not None}

@@ -112,23 +112,30 @@ class BranchState:
     residual: torch.Tensor | None = None
     exit: torch.Tensor | None = None  # final hidden states of all tokens (partial scatter target)
     site_caches: list[torch.Tensor] = field(default_factory=list)  # k0, v0, k1, v1, ... or a0, a1, ...
-    selection: torch.Tensor | None = None  # S, chosen at the last full step
+    selection: torch.Tensor | None = None  # S, chosen after the last full step
+    pending_selection: tuple | None = None  # (query, key) of the last full step, until S is chosen
     classes: TokenClasses | None = None
     last_timestep: float | None = None
     conditioning: tuple | None = None
 
     def reset(self) -> None:
         self.scheduler.reset()
-        self.residual = self.exit = self.selection = self.classes = None
+        self.residual = self.exit = self.selection = self.classes = self.pending_selection = None
         self.site_caches = []
         self.last_timestep = None
         self.stats.history = []
         self.stats.cache_bytes = 0
 
     def store(self, residual: torch.Tensor, exit: torch.Tensor | None, site_caches: Sequence[torch.Tensor]) -> None:
-        self.residual, self.exit, self.site_caches = residual, exit, list(site_caches)
+        # Compiled variants are specialised to their inputs' strides: keep every cache contiguous.
+        residual, exit = _contiguous(residual), _contiguous(exit)
+        self.residual, self.exit, self.site_caches = residual, exit, [_contiguous(t) for t in site_caches]
         tensors = [residual, *([exit] if exit is not None else []), *self.site_caches]
         self.stats.cache_bytes = sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _contiguous(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return tensor if tensor is None or tensor.is_contiguous() else tensor.contiguous()
 
 
 def fingerprint(tensor: torch.Tensor) -> tuple:
@@ -157,6 +164,8 @@ class HetCacheRuntime:
         self.timestep_index = index[analysis.modulation.timestep_input] if analysis.modulation else None
         self.conditioning_index = _conditioning_indices(gm, analysis, index)
         self.full = CompiledVariant("full", variants.full, config.inner_backend)
+        self.record = (CompiledVariant("record", variants.record, config.inner_backend)
+                       if variants.record is not None else None)
         self.reuse = CompiledVariant("reuse", variants.reuse, config.inner_backend)
         self.partial = (CompiledVariant("partial", variants.partial, config.inner_backend, specialize_on=len(names))
                         if variants.partial is not None else None)
@@ -184,7 +193,7 @@ class HetCacheRuntime:
 
     # -- public surface used by api.py ------------------------------------------------------
     def variants(self) -> list[CompiledVariant]:
-        return [v for v in (self.full, self.partial, self.reuse) if v is not None]
+        return [v for v in (self.full, self.record, self.partial, self.reuse) if v is not None]
 
     def branch_stats(self) -> list[BranchStats]:
         return self.finished + [state.stats for state in self.branches.values()]
@@ -214,24 +223,34 @@ class HetCacheRuntime:
     def _feasible(self, state: BranchState, kind: StepKind) -> StepKind:
         if kind is StepKind.REUSE and state.residual is None:
             return StepKind.FULL
-        if kind is StepKind.PARTIAL and (state.selection is None or state.exit is None):
+        if kind is StepKind.PARTIAL and (state.exit is None or (state.selection is None
+                                                                 and state.pending_selection is None)):
             return StepKind.FULL
         return kind
 
+    def _records(self, state: BranchState) -> bool:
+        """Whether full steps must record caches: only when partial steps can follow."""
+        may_be_partial = self.config.schedule == "adaptive" or "P" in self.config.schedule
+        return self.record is not None and state.classes is not None and may_be_partial
+
     def _full_step(self, state: BranchState, args: Sequence[object]) -> list:
-        outputs = self.full(*args)
         n = self.num_outputs
-        if self.partial is None:
+        if not self._records(state):
+            outputs = self.full(*args)
             state.store(outputs[n], None, [])
             return outputs[:n]
+        outputs = self.record(*args)
         residual, exit, *caches, query, key = outputs[n:]
         state.store(residual, exit, caches)
-        if state.classes is not None:
-            with torch.profiler.record_function("hetcache::select"):
-                state.selection = self._select(state.classes, query, key, exit)
+        state.selection, state.pending_selection = None, (query, key)
         return outputs[:n]
 
     def _partial_step(self, state: BranchState, args: Sequence[object]) -> list:
+        if state.pending_selection is not None:  # chosen lazily: runs that never go partial skip it
+            with torch.profiler.record_function("hetcache::select"):
+                query, key = state.pending_selection
+                state.selection = self._select(state.classes, query, key, state.exit)
+            state.pending_selection = None
         caches = state.site_caches if self.config.prune == "attention" else [state.exit, *state.site_caches]
         outputs = self.partial(*args, state.selection, *caches)
         n = self.num_outputs

@@ -104,7 +104,8 @@ class GraphAnalysis:
 class Variants:
     """The graphs the runtime dispatches between (uncompiled; the backend compiles them)."""
 
-    full: fx.GraphModule
+    full: fx.GraphModule  # outputs the residual only
+    record: fx.GraphModule | None  # full step that also records the partial steps' caches
     reuse: fx.GraphModule
     probe: fx.GraphModule | None
     partial: fx.GraphModule | None
@@ -187,8 +188,8 @@ def build_variants(gm: fx.GraphModule, analysis: GraphAnalysis, example_inputs: 
     refused = analysis.partial_refused if partial else "disabled by the options"
     sites = tuple(s.node for s in analysis.self_sites) if refused is None else ()
     relevance = analysis.resolve_site(relevance_site) if refused is None else None
-    full = run_pass("record", build_full_variant, gm, region, sites, relevance.node if relevance else None,
-                    prune, verify=(gm, expected))
+    full = run_pass("full", build_full_variant, gm, region, verify=(gm, expected))
+    record = None
     reuse = run_pass("reuse", build_reuse_variant, gm, region, verify=(gm, expected + [RESIDUAL_INPUT]))
     probe = None
     if analysis.modulation is not None:
@@ -198,11 +199,12 @@ def build_variants(gm: fx.GraphModule, analysis: GraphAnalysis, example_inputs: 
         try:
             partial_gm = run_pass("partial", _build_checked_partial, gm, analysis, example_inputs, sites, prune,
                                   verify=(gm, expected + cache_input_names(len(sites), prune)))
+            record = run_pass("record", build_full_variant, gm, region, sites, relevance.node, prune,
+                              verify=(gm, expected))
         except RewriteRefused as error:
             refused = str(error)
-            full = run_pass("record", build_full_variant, gm, region, verify=(gm, expected))
             sites, relevance = (), None
-    return Variants(full=full, reuse=reuse, probe=probe, partial=partial_gm, partial_refused=refused,
+    return Variants(full=full, record=record, reuse=reuse, probe=probe, partial=partial_gm, partial_refused=refused,
                     cached_sites=sites, relevance_site=relevance, prune=prune)
 
 

@@ -61,8 +61,10 @@ def test_selection_is_deterministic(transformer, inputs):
         torch._dynamo.reset()
         compiled = compile_hetcache(transformer, schedule="FP", margin_radius=1, context_ratio=0.3)
         run(compiled, inputs)
-        picks.append(hc.runtimes(transformer)[-1].branches[next(iter(hc.runtimes(transformer)[-1].branches))]
-                     .selection.clone())
+        run(compiled, inputs, timestep=torch.tensor([400.0]))  # the first partial step chooses S
+        [selection] = [state.selection for runtime in hc.runtimes(transformer)
+                       for state in runtime.branches.values() if state.selection is not None]
+        picks.append(selection.clone())
         hc.reset(transformer)
     torch.testing.assert_close(picks[0], picks[1])
     generative = {5, 6, 9, 10}

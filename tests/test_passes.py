@@ -118,7 +118,7 @@ def test_partial_variant_on_any_subset_equals_full_when_inputs_are_unchanged(cap
     gm, example_inputs = captured
     variants = build_variants(gm, analyze(gm, example_inputs), example_inputs)
     expected = gm(*example_inputs)[0]
-    residual, exit_cache, *caches, _query, _key = variants.full(*example_inputs)[1:]
+    residual, exit_cache, *caches, _query, _key = variants.record(*example_inputs)[1:]
     assert len(caches) == 2 * 6  # keys and values of the six self-attention sites
     for subset in (torch.arange(48), torch.tensor([0, 5, 7, 30, 47])):
         out = variants.partial(*example_inputs, subset, exit_cache, *caches)

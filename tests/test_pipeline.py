@@ -35,7 +35,7 @@ def test_twenty_steps_make_one_graph_and_compile_each_variant_once():
     assert torch.isfinite(video).all()
     assert len(backend_calls) == 1, "Dynamo recompiled"
     stats = hc.stats(pipe.transformer)
-    assert stats.compile_counts == {"full": 1, "partial": 0, "reuse": 1}
+    assert stats.compile_counts == {"full": 1, "record": 0, "partial": 0, "reuse": 1}
     assert stats.branches["cond"].history == ["full", "full", "reuse", "full"] + ["reuse"] * 16
     assert stats.steps["full"] == 2 * 3 and stats.steps["reuse"] == 2 * 17
 
