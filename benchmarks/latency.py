@@ -176,6 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     ]
 
     machine = machine_description()
+    source = source_description()  # before the run: the other files may change while it runs
     load_before = os.getloadavg()
     if load_before[0] > 0.5 and torch.get_num_threads() > 1:
         log.warning("load average %.2f: other processes are running; eager PyTorch with one thread per core "
@@ -228,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
         f"machine: {machine}",
         f"date: {utc_now()}",
         f"command: `{command_line()}`",
-        source_description(),
+        source,
         f"model: `tiny_vace_transformer({', '.join(f'{k}={v}' for k, v in model_kwargs.items())})`, "
         f"random weights, float32",
         f"inputs: `edit_inputs({', '.join(f'{k}={v}' for k, v in input_kwargs.items())})`, "

@@ -135,3 +135,28 @@ def test_low_precision_full_step_matches_eager(transformer, inputs, dtype):
     compiled = compile_hetcache(model, schedule="FR")
     torch.testing.assert_close(run(compiled, cast), expected)
     torch.testing.assert_close(run(compiled, cast), expected, rtol=2e-2, atol=2e-2)
+
+
+def test_dump_env_var_writes_each_variant(transformer, inputs, tmp_path, monkeypatch):
+    monkeypatch.setenv("HETCACHE_DUMP_GRAPHS", str(tmp_path))
+    compiled = compile_hetcache(transformer, schedule="FR")
+    run(compiled, inputs)
+    run(compiled, inputs)
+    names = sorted(p.name.split("_")[0] for p in tmp_path.iterdir())
+    assert names == ["full", "reuse"]
+    assert "hetcache_residual" in next(tmp_path.glob("reuse_*")).read_text()
+
+
+def test_a_resolution_change_recompiles_or_falls_back_but_stays_correct(transformer, inputs):
+    from models import transformer_inputs
+
+    compiled = compile_hetcache(transformer, schedule="full")
+    run(compiled, inputs)
+    bigger = transformer_inputs(height=12, width=12)
+    with pytest.warns(UserWarning, match="dynamic=False"):
+        out = run(compiled, bigger)
+    torch.testing.assert_close(out, run(transformer, bigger))
+    static = torch.compile(transformer, backend="hetcache", dynamic=False,
+                           options={"schedule": "full", "inner_backend": "aot_eager"})
+    torch.testing.assert_close(run(static, bigger), run(transformer, bigger))
+    assert hc.stats(transformer).steps["full"] >= 2
