@@ -145,6 +145,28 @@ def fingerprint(tensor: torch.Tensor) -> tuple:
     return tuple(tensor.shape), str(tensor.dtype), tuple(round(v, 4) for v in sums)
 
 
+class FingerprintCache:
+    """Remembers fingerprints of tensor objects (by weak reference and version counter), so that the
+    same tensor passed again (a pipeline's prompt embeddings, the control video) costs no reduction
+    and no host sync. A new tensor, even at a recycled address, is fingerprinted afresh."""
+
+    def __init__(self, size: int = 16):
+        self.size = size
+        self.entries: OrderedDict[int, tuple] = OrderedDict()
+
+    def __call__(self, tensor: torch.Tensor) -> tuple:
+        entry = self.entries.get(id(tensor))
+        if entry is not None:
+            ref, version, value = entry
+            if ref() is tensor and version == tensor._version:
+                return value
+        value = fingerprint(tensor)
+        self.entries[id(tensor)] = (weakref.ref(tensor), tensor._version, value)
+        if len(self.entries) > self.size:
+            self.entries.popitem(last=False)
+        return value
+
+
 class HetCacheRuntime:
     """Dispatches each call of one Dynamo graph to its full, partial or reuse variant.
 
@@ -179,6 +201,7 @@ class HetCacheRuntime:
         self.branches: OrderedDict[tuple, BranchState] = OrderedDict()
         self.finished: list[BranchStats] = []  # stats of evicted branches, kept for totals
         self._said: set[str] = set()
+        self._fingerprint = FingerprintCache()
         LIVE_RUNTIMES.add(self)
 
     @property
@@ -272,7 +295,7 @@ class HetCacheRuntime:
             return self.probe(*args)[0]
 
     def _branch(self, args: Sequence[object]) -> BranchState:
-        key = tuple(fingerprint(args[i]) for i in self.text_index)
+        key = tuple(self._fingerprint(args[i]) for i in self.text_index)
         state = self.branches.get(key)
         if state is None:
             state = self._new_branch(key)
@@ -295,7 +318,7 @@ class HetCacheRuntime:
 
     def _maybe_start_new_run(self, state: BranchState, args: Sequence[object]) -> None:
         timestep = float(args[self.timestep_index].flatten()[0]) if self.timestep_index is not None else None
-        conditioning = tuple(fingerprint(args[i]) for i in self.conditioning_index)
+        conditioning = tuple(self._fingerprint(args[i]) for i in self.conditioning_index)
         went_up = timestep is not None and state.last_timestep is not None and timestep > state.last_timestep
         changed = state.conditioning is not None and conditioning != state.conditioning
         first = state.scheduler.calls == 0

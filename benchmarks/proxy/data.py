@@ -1,0 +1,218 @@
+"""Procedural masked-video inpainting clips, generated directly in Wan's latent space.
+
+Why latents and not pixels: the proxy model only has to give the quality benchmarks a transformer
+whose attention means something (context tokens carry the information the edited tokens need).
+Rendering pixels and encoding them with a VAE would add a VAE we do not have trained weights for
+(nothing can be downloaded here) and most of the compute; a random-weight VAE would only scramble
+the structure. So a clip is a ``[16, F, H, W]`` tensor ``x0`` that stands for the *normalised* Wan
+latents of a video (zero-mean, unit-variance per channel like ``(z - latents_mean) / latents_std``),
+with the kind of structure a video has after the VAE's 8x spatial / 4x temporal compression:
+
+- a background that moves: a linear colour gradient plus a periodic pattern (stripes or a checker,
+  at a random angle and period) that scrolls at a random speed;
+- 1 to 3 objects drawn over it, each a box or an ellipse with its own sinusoidal or checker texture
+  (fixed to the object, so it moves with it), moving on a straight line;
+- every "colour" is a random 16-vector (one latent value per channel), so a region is identified
+  by its channel signature, its texture and its motion.
+
+Shapes are rendered 4x super-sampled and box-filtered to the latent grid, so edges are soft, as
+latents of a blurred pixel edge are.
+
+Each clip comes with a latent-resolution mask ``[F, H, W]`` (1 = hidden, to be generated) of one
+of three kinds, taken in turn by ``seed % 3``:
+
+- ``box``: a static rectangle (3..7 cells a side);
+- ``blob``: a static union of 2 or 3 overlapping ellipses;
+- ``moving``: a 3..5-cell box that follows the topmost object frame by frame (offset from its
+  centre), covering part of it, as when an edit tracks an object.
+
+What is hidden can be inferred from the context: the background pattern continues, objects pass
+through static masks and are visible in other frames, and a tracked object shows its colour and
+texture around the box. A model that attends to the right context tokens beats a local fill.
+
+Everything is a function of the clip's seed (one ``torch.Generator`` per clip, CPU Mersenne
+Twister, so the same on every machine). Seeds ``[0, HELDOUT_SEED_BASE)`` are for training,
+seeds from ``HELDOUT_SEED_BASE`` on are held out for evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+CHANNELS = 16
+FRAMES = 3     # latent frames: 9 video frames with Wan's 4x temporal compression
+HEIGHT = 12    # latent cells: 96 pixels with Wan's 8x spatial compression
+WIDTH = 12
+MASK_KINDS = ("box", "blob", "moving")
+HELDOUT_SEED_BASE = 1_000_000_000  # train: seeds below; held out: this and above
+SUPERSAMPLE = 4
+SCALE = 1.0 / 0.87  # brings the latents' standard deviation to about 1 (measured over 3000 train clips)
+
+__all__ = [
+    "CHANNELS", "FRAMES", "HEIGHT", "WIDTH", "MASK_KINDS", "HELDOUT_SEED_BASE", "Clip",
+    "make_clip", "make_batch", "train_seeds", "heldout_seeds",
+]
+
+
+@dataclass
+class Clip:
+    x0: torch.Tensor    # [16, F, H, W] clean latents
+    mask: torch.Tensor  # [F, H, W] float, 1 = hidden (to generate), 0 = known
+    kind: str           # one of MASK_KINDS
+    seed: int
+
+
+def train_seeds(start: int, count: int) -> range:
+    """Seeds of training clips ``start .. start + count - 1``."""
+    if start < 0 or start + count > HELDOUT_SEED_BASE:
+        raise ValueError(f"training seeds must lie in [0, {HELDOUT_SEED_BASE})")
+    return range(start, start + count)
+
+
+def heldout_seeds(count: int, start: int = 0) -> range:
+    """Seeds of held-out clips, never seen in training."""
+    return range(HELDOUT_SEED_BASE + start, HELDOUT_SEED_BASE + start + count)
+
+
+class _Draw:
+    """Scalar and vector draws from one clip's generator."""
+
+    def __init__(self, seed: int):
+        self.g = torch.Generator().manual_seed(seed)
+
+    def uniform(self, lo: float, hi: float) -> float:
+        return lo + (hi - lo) * float(torch.rand((), generator=self.g))
+
+    def integer(self, lo: int, hi: int) -> int:
+        """An integer in ``[lo, hi]``."""
+        return int(torch.randint(lo, hi + 1, (), generator=self.g))
+
+    def choice(self, options: Sequence):
+        return options[self.integer(0, len(options) - 1)]
+
+    def colour(self, scale: float) -> torch.Tensor:
+        return scale * torch.randn(CHANNELS, generator=self.g)
+
+
+def _pattern(kind: str, u: torch.Tensor, v: torch.Tensor, period: float) -> torch.Tensor:
+    """Periodic texture in ``[-1, 1]`` over coordinates ``u, v`` (cells)."""
+    if kind == "stripes":
+        return torch.sin(2 * math.pi * u / period)
+    # checker, softened so that box-filtering does not alias it into noise
+    return torch.tanh(3 * torch.sin(2 * math.pi * u / period) * torch.sin(2 * math.pi * v / period))
+
+
+def _rotate(x: torch.Tensor, y: torch.Tensor, angle: float) -> tuple[torch.Tensor, torch.Tensor]:
+    c, s = math.cos(angle), math.sin(angle)
+    return c * x + s * y, -s * x + c * y
+
+
+def make_clip(seed: int, frames: int = FRAMES, height: int = HEIGHT, width: int = WIDTH,
+              kind: str | None = None) -> Clip:
+    """The clip of ``seed``: clean latents and a mask of ``kind`` (default ``MASK_KINDS[seed % 3]``)."""
+    kind = kind or MASK_KINDS[seed % len(MASK_KINDS)]
+    if kind not in MASK_KINDS:
+        raise ValueError(f"kind must be one of {MASK_KINDS}, got {kind!r}")
+    d = _Draw(seed)
+    s = SUPERSAMPLE
+    ys = (torch.arange(height * s, dtype=torch.float32) + 0.5) / s
+    xs = (torch.arange(width * s, dtype=torch.float32) + 0.5) / s
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")  # super-sampled cell coordinates
+
+    # background: base colour + scrolling gradient + scrolling periodic pattern
+    base = d.colour(0.3)
+    grad_colour, grad_angle, grad_speed = d.colour(0.5), d.uniform(0, 2 * math.pi), d.uniform(-0.5, 0.5)
+    pat_kind = d.choice(("stripes", "stripes", "checker"))
+    pat_colour, pat_angle = d.colour(0.8), d.uniform(0, math.pi)
+    pat_period = d.uniform(3.0, 8.0)
+    pat_velocity = (d.uniform(-1.5, 1.5), d.uniform(-1.5, 1.5))  # cells per frame
+
+    # objects: shape, half sizes, start and end centre, texture
+    objects = []
+    for _ in range(d.integer(1, 3)):
+        cx0, cy0 = d.uniform(1, width - 1), d.uniform(1, height - 1)
+        cx1 = min(max(cx0 + d.uniform(-1.5, 1.5) * (frames - 1), 1.0), width - 1.0)
+        cy1 = min(max(cy0 + d.uniform(-1.5, 1.5) * (frames - 1), 1.0), height - 1.0)
+        objects.append(dict(
+            shape=d.choice(("box", "ellipse")), a=d.uniform(1.5, 3.5), b=d.uniform(1.5, 3.5),
+            start=(cx0, cy0), end=(cx1, cy1), colour=d.colour(1.0), tex_colour=d.colour(0.7),
+            tex_kind=d.choice(("stripes", "checker")), tex_angle=d.uniform(0, math.pi),
+            tex_period=d.uniform(2.0, 4.5),
+        ))
+
+    def centre(obj: dict, t: int) -> tuple[float, float]:
+        w = t / max(frames - 1, 1)
+        return (obj["start"][0] * (1 - w) + obj["end"][0] * w, obj["start"][1] * (1 - w) + obj["end"][1] * w)
+
+    video = []
+    for t in range(frames):
+        u, _ = _rotate(gx, gy, grad_angle)
+        ramp = (u - grad_speed * t) / max(height, width) * 2
+        pu, pv = _rotate(gx - pat_velocity[0] * t, gy - pat_velocity[1] * t, pat_angle)
+        frame = (base[:, None, None] + grad_colour[:, None, None] * ramp
+                 + pat_colour[:, None, None] * _pattern(pat_kind, pu, pv, pat_period))
+        for obj in objects:
+            cx, cy = centre(obj, t)
+            dx, dy = gx - cx, gy - cy
+            if obj["shape"] == "box":
+                inside = (dx.abs() <= obj["a"]) & (dy.abs() <= obj["b"])
+            else:
+                inside = (dx / obj["a"]) ** 2 + (dy / obj["b"]) ** 2 <= 1
+            tu, tv = _rotate(dx, dy, obj["tex_angle"])
+            value = (obj["colour"][:, None, None]
+                     + obj["tex_colour"][:, None, None] * _pattern(obj["tex_kind"], tu, tv, obj["tex_period"]))
+            frame = torch.where(inside, value, frame)
+        video.append(F.avg_pool2d(frame[None], s)[0])
+    x0 = torch.stack(video, dim=1) * SCALE  # [16, F, H, W]
+
+    # mask, at cell centres
+    cy_grid, cx_grid = torch.meshgrid(torch.arange(height, dtype=torch.float32) + 0.5,
+                                      torch.arange(width, dtype=torch.float32) + 0.5, indexing="ij")
+    mask = torch.zeros(frames, height, width)
+    if kind == "box":
+        h, w = d.integer(3, min(7, height - 1)), d.integer(3, min(7, width - 1))
+        top, left = d.integer(0, height - h), d.integer(0, width - w)
+        mask[:, top:top + h, left:left + w] = 1.0
+    elif kind == "blob":
+        mx, my = d.uniform(3, width - 3), d.uniform(3, height - 3)
+        blob = torch.zeros(height, width, dtype=torch.bool)
+        for _ in range(d.integer(2, 3)):
+            ex, ey = mx + d.uniform(-2.0, 2.0), my + d.uniform(-2.0, 2.0)
+            rx, ry = d.uniform(1.3, 3.0), d.uniform(1.3, 3.0)
+            blob |= ((cx_grid - ex) / rx) ** 2 + ((cy_grid - ey) / ry) ** 2 <= 1
+        mask[:] = blob.float()
+    else:  # moving: follows the topmost object
+        obj = objects[-1]
+        h, w = d.integer(3, 5), d.integer(3, 5)
+        off_x, off_y = d.uniform(-1.0, 1.0), d.uniform(-1.0, 1.0)
+        for t in range(frames):
+            cx, cy = centre(obj, t)
+            left = min(max(round(cx + off_x - w / 2), 0), width - w)
+            top = min(max(round(cy + off_y - h / 2), 0), height - h)
+            mask[t, top:top + h, left:left + w] = 1.0
+    return Clip(x0=x0, mask=mask, kind=kind, seed=seed)
+
+
+def make_batch(seeds: Iterable[int], **kwargs) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Stack clips: ``x0 [B, 16, F, H, W]``, ``mask [B, F, H, W]``, and the mask kinds."""
+    clips = [make_clip(seed, **kwargs) for seed in seeds]
+    return (torch.stack([c.x0 for c in clips]), torch.stack([c.mask for c in clips]), [c.kind for c in clips])
+
+
+if __name__ == "__main__":  # quick look at the data's statistics
+    import time
+
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    x0, mask, kinds = make_batch(train_seeds(0, 3000))
+    elapsed = time.perf_counter() - start
+    print(f"3000 clips in {elapsed:.1f} s; x0 mean {x0.mean():.3f} std {x0.std():.3f}, "
+          f"per-channel std {x0.std(dim=(0, 2, 3, 4)).min():.3f}..{x0.std(dim=(0, 2, 3, 4)).max():.3f}")
+    for k in MASK_KINDS:
+        sel = torch.tensor([kk == k for kk in kinds])
+        print(f"{k}: hidden share {mask[sel].mean():.3f}, min cells per frame {mask[sel].sum(dim=(2, 3)).min():.0f}")

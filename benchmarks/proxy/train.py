@@ -1,0 +1,189 @@
+"""Train the proxy Wan-VACE transformer on procedural latent inpainting (``data.py``), on CPU.
+
+Wan's rectified-flow objective: ``t ~ U(0, 1)`` shifted by ``--shift`` (as Wan's scheduler shifts
+its sigmas), ``x_t = (1 - t) * x0 + t * noise``, the model sees ``x_t``, ``timestep = 1000 t``, the
+VACE control (``model.vace_control``: the known latents, zeros, and 64 mask channels) and a fixed
+text embedding, and predicts ``v = noise - x0``; the loss is the MSE on ``v``, weighted
+``--mask-weight`` times more on the hidden cells. AdamW with a linear warm-up and a cosine decay.
+
+The clips come from a pool of ``--pool`` training seeds, generated once (about 3 ms a clip), each
+drawn in a random flip of height, width and time (the data are symmetric under all three). Every
+random draw comes from generators seeded by ``--seed``, and deterministic algorithms are on, so
+the same command with the same ``--threads`` on the same torch build rebuilds the weights bit for
+bit (a different thread count may change float reduction order, and so the last bits).
+
+    python benchmarks/proxy/train.py                      # the committed weights (README.md)
+    python benchmarks/proxy/train.py --steps 20 --out /tmp/proxy-a   # a quick check
+
+Writes ``config.json`` and ``proxy.safetensors`` (``save_pretrained``, renamed), ``SHA256SUMS``
+and ``train_log.json`` into ``--out``; with the default ``--out`` it also records the command,
+checksum and wall time in ``benchmarks/proxy/README.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/
+
+from common import machine_description  # noqa: E402
+from proxy.data import make_batch, train_seeds  # noqa: E402
+from proxy.model import (  # noqa: E402
+    DIFFUSERS_WEIGHTS_NAME, WEIGHTS_DIR, WEIGHTS_NAME, build_model, num_parameters, prompt_embeds, sha256,
+    shift_sigma, vace_control,
+)
+
+README = Path(__file__).resolve().parent / "README.md"
+BEGIN, END = "<!-- train.py: begin -->", "<!-- train.py: end -->"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--steps", type=int, default=2400)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
+    p.add_argument("--shift", type=float, default=3.0, help="timestep shift of the training t (1 = uniform)")
+    p.add_argument("--mask-weight", type=float, default=4.0, help="loss weight of hidden cells (known cells: 1)")
+    p.add_argument("--pool", type=int, default=8192, help="training clips, seeds 0 .. pool-1")
+    p.add_argument("--seed", type=int, default=0, help="seeds the initialisation, the batches, t and the noise")
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (part of what reproduces the bits)")
+    p.add_argument("--time-limit", type=float, default=30.0,
+                   help="minutes; training past it stops with an error and saves nothing")
+    p.add_argument("--out", type=Path, default=WEIGHTS_DIR)
+    return p.parse_args(argv)
+
+
+def lr_at(step: int, args: argparse.Namespace) -> float:
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = (step - args.warmup) / max(args.steps - args.warmup, 1)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def augment(x0: torch.Tensor, mask: torch.Tensor, flips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip each sample along time / height / width where ``flips [B, 3]`` says so."""
+    xs, ms = [], []
+    for x, m, f in zip(x0, mask, flips.tolist()):
+        dims = [d for d, on in zip((1, 2, 3), f) if on]
+        xs.append(x.flip(dims) if dims else x)
+        ms.append(m.flip([d - 1 for d in dims]) if dims else m)
+    return torch.stack(xs), torch.stack(ms)
+
+
+def save(model: torch.nn.Module, out: Path) -> dict[str, str]:
+    """``save_pretrained`` into ``out`` with the weights renamed ``proxy.safetensors``; returns file -> SHA-256."""
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        (Path(tmp) / DIFFUSERS_WEIGHTS_NAME).replace(out / WEIGHTS_NAME)
+        (Path(tmp) / "config.json").replace(out / "config.json")
+    for name in (WEIGHTS_NAME, "config.json"):
+        (out / name).chmod(0o644)  # tempfile made them private
+    sums = {name: sha256(out / name) for name in (WEIGHTS_NAME, "config.json")}
+    (out / "SHA256SUMS").write_text("".join(f"{digest}  {name}\n" for name, digest in sums.items()))
+    return sums
+
+
+def record_in_readme(command: str, sums: dict[str, str], log: dict) -> None:
+    text = README.read_text()
+    if BEGIN not in text or END not in text:
+        print(f"warning: {README} has no {BEGIN} ... {END} block; not updated", file=sys.stderr)
+        return
+    block = "\n".join([
+        BEGIN,
+        "```bash",
+        command,
+        "```",
+        "",
+        f"- `proxy.safetensors` SHA-256: `{sums[WEIGHTS_NAME]}`",
+        f"- `config.json` SHA-256: `{sums['config.json']}`",
+        f"- trained in {log['wall_s'] / 60:.1f} min on {log['machine']}",
+        f"- {log['parameters']:,} parameters; final training loss (mean of the last 100 steps) "
+        f"{log['final_loss']:.4f}",
+        END,
+    ])
+    head, rest = text.split(BEGIN, 1)
+    README.write_text(head + block + rest.split(END, 1)[1])
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    command = shlex.join(["python", "benchmarks/proxy/train.py", *(sys.argv[1:] if argv is None else argv)])
+    torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True)
+    start = time.perf_counter()
+
+    model = build_model(args.seed).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
+    text = prompt_embeds(args.batch)
+    rng = torch.Generator().manual_seed(args.seed + 1)  # batches, flips, t, noise
+
+    x_pool, m_pool, _ = make_batch(tqdm(train_seeds(0, args.pool), desc="clips", leave=False))
+    gen_s = time.perf_counter() - start
+
+    losses: list[float] = []
+    order = torch.empty(0, dtype=torch.long)
+    bar = tqdm(range(args.steps), desc="train")
+    for step in bar:
+        if len(order) < args.batch:
+            order = torch.cat([order, torch.randperm(args.pool, generator=rng)])
+        index, order = order[:args.batch], order[args.batch:]
+        flips = torch.rand(args.batch, 3, generator=rng) < 0.5
+        x0, mask = augment(x_pool[index], m_pool[index], flips)
+        t = shift_sigma(torch.rand(args.batch, generator=rng), args.shift)
+        noise = torch.randn(x0.shape, generator=rng)
+        tb = t.view(-1, 1, 1, 1, 1)
+        x_t = (1 - tb) * x0 + tb * noise
+
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, args)
+        v = model(hidden_states=x_t, timestep=t * 1000, encoder_hidden_states=text,
+                  control_hidden_states=vace_control(x0, mask), return_dict=False)[0]
+        weight = 1 + (args.mask_weight - 1) * mask.unsqueeze(1)
+        loss = (weight * (v - (noise - x0)) ** 2).mean() / weight.mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+
+        losses.append(loss.item())
+        if step % 20 == 0 or step == args.steps - 1:
+            bar.set_postfix(loss=f"{sum(losses[-100:]) / len(losses[-100:]):.4f}", lr=f"{lr_at(step, args):.2e}")
+        if time.perf_counter() - start > args.time_limit * 60:
+            sys.exit(f"error: past --time-limit {args.time_limit} min at step {step + 1}/{args.steps}; nothing saved")
+
+    wall_s = time.perf_counter() - start
+    model.eval()
+    sums = save(model, args.out)
+    log = {
+        "command": command, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "parameters": num_parameters(model), "wall_s": round(wall_s, 1), "clip_generation_s": round(gen_s, 1),
+        "final_loss": sum(losses[-100:]) / len(losses[-100:]),
+        "loss_every_100": [round(sum(losses[i:i + 100]) / len(losses[i:i + 100]), 5)
+                           for i in range(0, len(losses), 100)],
+        "machine": machine_description(), "sha256": sums,
+    }
+    (args.out / "train_log.json").write_text(json.dumps(log, indent=2) + "\n")
+    if args.out.resolve() == WEIGHTS_DIR.resolve():
+        record_in_readme(command, sums, log)
+    size = (args.out / WEIGHTS_NAME).stat().st_size
+    print(f"trained {args.steps} steps in {wall_s / 60:.1f} min (clips: {gen_s:.0f} s); "
+          f"final loss {log['final_loss']:.4f}; {args.out / WEIGHTS_NAME}: {size / 1e6:.2f} MB, "
+          f"sha256 {sums[WEIGHTS_NAME]}")
+
+
+if __name__ == "__main__":
+    main()
