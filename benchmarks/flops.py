@@ -67,7 +67,7 @@ def count(fn) -> int:
     return counter.get_total_flops()
 
 
-def trace_meta_model(config: dict, frames: int, height: int, width: int):
+def trace_meta_model(config: dict, frames: int, height: int, width: int, text_len: int = TEXT_LEN):
     """Dynamo graph and example inputs of the transformer on the meta device (no weights)."""
     from diffusers import WanVACETransformer3DModel
 
@@ -78,7 +78,7 @@ def trace_meta_model(config: dict, frames: int, height: int, width: int):
     inputs = dict(
         hidden_states=torch.empty(shape, device="meta"),
         timestep=torch.empty(1, device="meta"),
-        encoder_hidden_states=torch.empty(1, TEXT_LEN, config["text_dim"], device="meta"),
+        encoder_hidden_states=torch.empty(1, text_len, config["text_dim"], device="meta"),
         control_hidden_states=torch.empty(1, config["vace_in_channels"], *shape[2:], device="meta"),
     )
     graphs = []
@@ -93,8 +93,10 @@ def trace_meta_model(config: dict, frames: int, height: int, width: int):
     return graphs[0]
 
 
-def variant_flops(config: dict, frames: int, height: int, width: int, selected: list[int]) -> VariantFlops:
-    gm, example_inputs = trace_meta_model(config, frames, height, width)
+def variant_flops(config: dict, frames: int, height: int, width: int, selected: list[int],
+                  text_len: int = TEXT_LEN) -> VariantFlops:
+    """FLOPs of one call of each variant for ``config`` at a pixel size (partial: per |S| in ``selected``)."""
+    gm, example_inputs = trace_meta_model(config, frames, height, width, text_len)
     analysis = passes.analyze(gm, example_inputs)
     variants = passes.build_variants(gm, analysis, example_inputs)
     if variants.partial is None:

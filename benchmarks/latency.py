@@ -12,7 +12,11 @@ random-weight components from ``tests/models.py`` for each configuration:
 
 Each configuration gets its own deep copy of the transformer and a ``torch._dynamo.reset()``;
 a first run compiles and warms up (not timed), then ``--repeats`` runs are timed and the median
-is reported. Output differences are measured against the eager output video.
+is reported, both for the whole call and for the transformer calls alone (the denoising loop's
+model time, measured with forward hooks). The FLOPs of the same run are counted on the meta
+device (``benchmarks/flops.py``) from the step kinds and |S| each config used, so the wall-clock
+speedup can be compared with the FLOPs reduction on the same config. Output differences are
+measured against the eager output video.
 
     python benchmarks/latency.py             # writes benchmarks/results/latency.md
     python benchmarks/latency.py --quick     # smoke run, writes benchmarks/results/latency_quick.md
@@ -41,7 +45,7 @@ log = logging.getLogger("benchmarks.latency")
 
 # "Small WanVACE": big enough that the transformer blocks dominate a pipeline call on CPU.
 SMALL_MODEL = dict(num_layers=8, vace_layers=(0, 2, 4, 6), heads=4, head_dim=32, text_dim=64, ffn_dim=256)
-SMALL_INPUTS = dict(frames=9, height=64, width=64, text_dim=64)
+SMALL_INPUTS = dict(frames=9, height=128, width=128, text_dim=64)  # 3 x 8 x 8 = 192 tokens
 # --quick: the test suite's tiny defaults.
 QUICK_MODEL = dict(num_layers=4, vace_layers=(0, 2), heads=2, head_dim=12, text_dim=32, ffn_dim=32)
 QUICK_INPUTS = dict(frames=5, height=32, width=32, text_dim=32)
@@ -77,6 +81,8 @@ class Result:
     steps: dict[str, int] | None = None          # per run, summed over branches
     histories: dict[str, str] = field(default_factory=dict)  # branch -> "FFRF..." of the last run
     compile_seconds: float | None = None
+    transformer_seconds: list[float] = field(default_factory=list)
+    token_fraction: float | None = None          # |S| / N of the partial steps
     graphs: int | None = None
     fallback: str | None = None
     consistent: bool = True                      # same step kinds in every timed run
@@ -84,6 +90,26 @@ class Result:
     @property
     def median(self) -> float:
         return statistics.median(self.seconds) if self.seconds else float("nan")
+
+    @property
+    def transformer_median(self) -> float:
+        return statistics.median(self.transformer_seconds) if self.transformer_seconds else float("nan")
+
+
+class TransformerTimer:
+    """Sums the wall time of the transformer's calls with forward hooks (pre: start, post: stop)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.total = 0.0
+        self._start = 0.0
+        module.register_forward_pre_hook(self._before)
+        module.register_forward_hook(self._after)
+
+    def _before(self, module, args):
+        self._start = time.perf_counter()
+
+    def _after(self, module, args, output):
+        self.total += time.perf_counter() - self._start
 
 
 def run_pipeline(pipe, inputs: dict, steps: int) -> torch.Tensor:
@@ -102,6 +128,7 @@ def benchmark(config: Config, base: torch.nn.Module, inputs: dict, steps: int, r
         model = torch.compile(module, backend=config.backend, options=config.options)
     pipe = tiny_vace_pipeline(model)
     pipe.set_progress_bar_config(disable=True)
+    timer = TransformerTimer(model)
 
     log.info("[%s] compile + warm-up run ...", config.name)
     start = time.perf_counter()
@@ -110,22 +137,27 @@ def benchmark(config: Config, base: torch.nn.Module, inputs: dict, steps: int, r
     log.info("[%s] warm-up run took %.1f s", config.name, warmup)
 
     seconds: list[float] = []
+    transformer_seconds: list[float] = []
     per_run_steps: list[dict[str, int]] = []
     for repeat in range(repeats):
         if config.is_hetcache:
             hc.reset(model)
             before = dict(hc.stats(model).steps)
+        timer.total = 0.0
         start = time.perf_counter()
         output = run_pipeline(pipe, inputs, steps)
         seconds.append(time.perf_counter() - start)
+        transformer_seconds.append(timer.total)
         if config.is_hetcache:
             after = hc.stats(model).steps
             per_run_steps.append({kind: after[kind] - before[kind] for kind in after})
         log.info("[%s] run %d/%d: %.3f s", config.name, repeat + 1, repeats, seconds[-1])
 
     result = Result(config, warmup, seconds, output)
+    result.transformer_seconds = transformer_seconds
     if config.is_hetcache:
         stats = hc.stats(model)
+        result.token_fraction = stats.token_fraction
         result.steps = per_run_steps[-1]
         result.consistent = all(s == per_run_steps[0] for s in per_run_steps)
         result.histories = {name: "".join(LETTER[k] for k in branch.history) for name, branch in stats.branches.items()}
@@ -134,6 +166,33 @@ def benchmark(config: Config, base: torch.nn.Module, inputs: dict, steps: int, r
         result.fallback = stats.fallback_reason
     del pipe, model, module
     return result
+
+
+def run_flops(base: torch.nn.Module, input_kwargs: dict, results: list[Result], steps: int) -> dict[str, float]:
+    """FLOPs of one run of each config (by name), counted on the meta device for this model and input size."""
+    from flops import variant_flops
+
+    config = {k: v for k, v in base.config.items() if not k.startswith("_")}
+    frames, height, width = input_kwargs["frames"], input_kwargs["height"], input_kwargs["width"]
+    patch = config["patch_size"]
+    tokens = ((frames - 1) // 4 + 1) // patch[0] * (height // 8 // patch[1]) * (width // 8 // patch[2])
+    sizes = {r.config.name: round(r.token_fraction * tokens) for r in results if r.token_fraction}
+    text_len = inputs_text_len(input_kwargs)
+    counted = variant_flops(config, frames, height, width, list(sizes.values()) or [tokens], text_len=text_len)
+    totals = {}
+    for r in results:
+        if r.error is not None:
+            continue
+        kinds = r.steps or {"full": 2 * steps, "partial": 0, "reuse": 0}
+        partial = counted.partial.get(sizes.get(r.config.name, tokens), counted.full)
+        probe = counted.probe if r.config.is_hetcache else 0
+        totals[r.config.name] = (kinds["full"] * counted.full + kinds["partial"] * partial
+                                 + kinds["reuse"] * counted.reuse + sum(kinds.values()) * probe)
+    return totals
+
+
+def inputs_text_len(input_kwargs: dict) -> int:
+    return edit_inputs(**input_kwargs)["prompt_embeds"].shape[1]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -197,15 +256,18 @@ def main(argv: list[str] | None = None) -> None:
     total = time.perf_counter() - total_start
     load_after = os.getloadavg()
 
+    flops = run_flops(base, input_kwargs, results, steps)
     reference = results[0].output
     baseline = results[1].median
+    transformer_baseline = results[1].transformer_median
     na = "n/a"
-    columns = ["config", "median s/run", "min s/run", "speedup vs torch.compile", "steps full/partial/reuse",
+    columns = ["config", "median s/run", "min s/run", "speedup vs torch.compile", "transformer s/run",
+               "transformer speedup", "FLOPs reduction", "speedup / FLOPs reduction", "steps full/partial/reuse",
                "max abs diff vs eager", "mean abs diff vs eager", "warm-up run s (compile)"]
     rows = []
     for r in results:
         if r.error is not None:
-            rows.append([r.config.name, f"ERROR: {r.error}", na, na, na, na, na, na])
+            rows.append([r.config.name, f"ERROR: {r.error}"] + [na] * (len(columns) - 2))
             continue
         if reference is not None:
             diff = (r.output - reference).abs()
@@ -222,8 +284,13 @@ def main(argv: list[str] | None = None) -> None:
         else:
             steps_cell = f"{2 * steps}/0/0"
         speedup = f"{baseline / r.median:.2f}x" if baseline == baseline else na  # NaN: baseline failed
-        rows.append([r.config.name, f"{r.median:.3f}", f"{min(r.seconds):.3f}", speedup, steps_cell, max_diff,
-                     mean_diff, warmup])
+        model_speedup = transformer_baseline / r.transformer_median
+        reduction = flops[results[1].config.name] / flops[r.config.name] if r.config.name in flops else None
+        rows.append([r.config.name, f"{r.median:.3f}", f"{min(r.seconds):.3f}", speedup,
+                     f"{r.transformer_median:.3f}", f"{model_speedup:.2f}x",
+                     f"{reduction:.2f}x" if reduction else na,
+                     f"{100 * model_speedup / reduction:.0f}%" if reduction else na,
+                     steps_cell, max_diff, mean_diff, warmup])
 
     header = [
         f"machine: {machine}",
@@ -241,6 +308,10 @@ def main(argv: list[str] | None = None) -> None:
     ]
     notes = ["Steps are transformer calls of one timed run, summed over the cond and uncond branches.",
              "Speedup is the torch.compile median divided by the config's median, both measured in this run.",
+             "Transformer s/run sums the transformer calls of a run (the denoising loop's model time, no VAE).",
+             "FLOPs reduction: FLOPs of the torch.compile run over the config's, counted on the meta device for "
+             "this model and input size from the step kinds and |S| the config used; the last ratio is the transformer "
+             "speedup over the FLOPs reduction (100%: every FLOP saved shows in wall-clock time).",
              "The CPU is shared: a min far below the median means other processes interfered.",
              "Output diffs compare the decoded video in [0, 1] with the eager run.", ""]
     notes.append("Step kinds per branch (last timed run):")

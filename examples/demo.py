@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 import time
 from pathlib import Path
@@ -64,6 +65,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if os.getloadavg()[0] > 0.5 and torch.get_num_threads() > 1:
+        print(f"warning: load average {os.getloadavg()[0]:.1f}: with one thread per core, PyTorch slows down "
+              f"many times over when another process holds a core; timings may be off (try --threads 1)")
     options = {key: value for key, value in (("schedule", args.schedule), ("threshold", args.threshold),
                                              ("preset", args.preset), ("inner_backend", args.inner_backend))
                if value is not None}

@@ -22,9 +22,6 @@ from .runtime import LIVE_RUNTIMES, HetCacheRuntime
 
 logger = logging.getLogger("hetcache_compile")
 
-_WARNED: set[str] = set()
-
-
 class FallbackRuntime:
     """A graph hetcache did not rewrite: the inner compiler's output, plus the reason why."""
 
@@ -46,31 +43,45 @@ class FallbackRuntime:
         pass
 
 
-def hetcache_backend(gm: fx.GraphModule, example_inputs: Sequence[object],
-                     options: dict | None = None) -> Callable:
-    """Dynamo backend entry point. ``options`` are ``HetCacheConfig`` fields (plus ``preset``)."""
-    config = HetCacheConfig.from_options(options)
-    try:
-        analysis = analyze(gm, example_inputs)
-        if config.schedule == "adaptive" and analysis.modulation is None:
-            raise RewriteRefused("no timestep-modulation tensor found for the adaptive schedule; "
-                                 "pass options={'schedule': 'FFRF...'} for a fixed schedule")
-        variants = build_variants(gm, analysis, example_inputs, relevance_site=config.relevance_site,
-                                  partial=config.partial, prune=config.prune)
-    except RewriteRefused as refused:
-        return _fallback(gm, example_inputs, str(refused), config)
-    logger.info("hetcache rewrote a graph of %d nodes:\n%s", len(gm.graph.nodes), analysis.report())
-    return HetCacheRuntime(gm, example_inputs, analysis, variants, config)
+class HetCacheBackend:
+    """Dynamo backend entry point: ``backend(gm, example_inputs, options=None)``.
+
+    ``options`` are ``HetCacheConfig`` fields (plus ``preset``). ``torch._dynamo.reset()`` calls
+    ``reset()``, after which refusals are warned about again.
+    """
+
+    def __init__(self) -> None:
+        self._warned: set[str] = set()
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[object],
+                 options: dict | None = None) -> Callable:
+        config = HetCacheConfig.from_options(options)
+        try:
+            analysis = analyze(gm, example_inputs)
+            if config.schedule == "adaptive" and analysis.modulation is None:
+                raise RewriteRefused("no timestep-modulation tensor found for the adaptive schedule; "
+                                     "pass options={'schedule': 'FFRF...'} for a fixed schedule")
+            variants = build_variants(gm, analysis, example_inputs, relevance_site=config.relevance_site,
+                                      partial=config.partial, prune=config.prune)
+        except RewriteRefused as refused:
+            return self._fallback(gm, example_inputs, str(refused), config)
+        logger.info("hetcache rewrote a graph of %d nodes:\n%s", len(gm.graph.nodes), analysis.report())
+        return HetCacheRuntime(gm, example_inputs, analysis, variants, config)
+
+    def reset(self) -> None:
+        self._warned.clear()
+
+    def _fallback(self, gm: fx.GraphModule, example_inputs: Sequence[object], reason: str,
+                  config: HetCacheConfig) -> FallbackRuntime:
+        if reason not in self._warned:
+            self._warned.add(reason)
+            warnings.warn(f"hetcache: not rewriting this graph ({reason}); compiling it with plain "
+                          f"{config.inner_backend}", stacklevel=3)
+        logger.info("hetcache fallback: %s", reason)
+        return FallbackRuntime(gm, example_inputs, reason, config.inner_backend)
 
 
-def _fallback(gm: fx.GraphModule, example_inputs: Sequence[object], reason: str,
-              config: HetCacheConfig) -> FallbackRuntime:
-    if reason not in _WARNED:
-        _WARNED.add(reason)
-        warnings.warn(f"hetcache: not rewriting this graph ({reason}); compiling it with plain "
-                      f"{config.inner_backend}", stacklevel=2)
-    logger.info("hetcache fallback: %s", reason)
-    return FallbackRuntime(gm, example_inputs, reason, config.inner_backend)
+hetcache_backend = HetCacheBackend()
 
 
 __all__ = ["FallbackRuntime", "hetcache_backend"]

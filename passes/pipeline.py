@@ -82,7 +82,7 @@ class GraphAnalysis:
             f"{len(r.nodes)} nodes",
             f"  enters at '{r.entry}', token stream '{r.stream_input}', leaves at '{r.exit}' "
             f"shape {list(r.exit_shape)}",
-            f"  inputs: {', '.join(r.inputs[:12])}{' ...' if len(r.inputs) > 12 else ''}",
+            f"  activations entering it: {', '.join(self._activation_inputs())}",
         ]
         if self.modulation is None:
             lines.append("timestep-embedding probe: none found (adaptive schedule unavailable)")
@@ -98,6 +98,10 @@ class GraphAnalysis:
             lines.append(f"partial steps: token grid {list(g.grid)} of patch {list(g.patch)} over "
                          f"'{g.latent_input}'; token inputs {axes}")
         return "\n".join(lines)
+
+    def _activation_inputs(self) -> list[str]:
+        """Region inputs other than parameters and buffers (those are named ``l_self_...``)."""
+        return [name for name in self.region.inputs if not name.startswith("l_self_")]
 
 
 @dataclass

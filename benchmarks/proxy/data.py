@@ -10,8 +10,10 @@ with the kind of structure a video has after the VAE's 8x spatial / 4x temporal 
 
 - a background that moves: a linear colour gradient plus a periodic pattern (stripes or a checker,
   at a random angle and period) that scrolls at a random speed;
-- 1 to 3 objects drawn over it, each a box or an ellipse with its own sinusoidal or checker texture
-  (fixed to the object, so it moves with it), moving on a straight line;
+- 1 to 3 objects drawn over it, each a box or an ellipse (3..7 cells across) with its own
+  sinusoidal or checker texture (period 3..6 cells, fixed to the object, so it moves with it),
+  moving on a straight line at 1..2.5 cells per frame, so that what a static mask hides in one
+  frame is mostly visible in another;
 - every "colour" is a random 16-vector (one latent value per channel), so a region is identified
   by its channel signature, its texture and its motion.
 
@@ -21,7 +23,7 @@ latents of a blurred pixel edge are.
 Each clip comes with a latent-resolution mask ``[F, H, W]`` (1 = hidden, to be generated) of one
 of three kinds, taken in turn by ``seed % 3``:
 
-- ``box``: a static rectangle (3..7 cells a side);
+- ``box``: a static rectangle (3..6 cells a side);
 - ``blob``: a static union of 2 or 3 overlapping ellipses;
 - ``moving``: a 3..5-cell box that follows the topmost object frame by frame (offset from its
   centre), covering part of it, as when an edit tracks an object.
@@ -135,19 +137,19 @@ def make_clip(seed: int, frames: int = FRAMES, height: int = HEIGHT, width: int 
     # objects: shape, half sizes, start and end centre, texture
     objects = []
     for _ in range(d.integer(1, 3)):
-        cx0, cy0 = d.uniform(1, width - 1), d.uniform(1, height - 1)
-        cx1 = min(max(cx0 + d.uniform(-1.5, 1.5) * (frames - 1), 1.0), width - 1.0)
-        cy1 = min(max(cy0 + d.uniform(-1.5, 1.5) * (frames - 1), 1.0), height - 1.0)
+        mid = (d.uniform(2, width - 2), d.uniform(2, height - 2))  # centre in the middle frame
+        speed, heading = d.uniform(1.0, 2.5), d.uniform(0, 2 * math.pi)  # cells per frame
         objects.append(dict(
             shape=d.choice(("box", "ellipse")), a=d.uniform(1.5, 3.5), b=d.uniform(1.5, 3.5),
-            start=(cx0, cy0), end=(cx1, cy1), colour=d.colour(1.0), tex_colour=d.colour(0.7),
+            mid=mid, velocity=(speed * math.cos(heading), speed * math.sin(heading)),
+            colour=d.colour(1.0), tex_colour=d.colour(0.6),
             tex_kind=d.choice(("stripes", "checker")), tex_angle=d.uniform(0, math.pi),
-            tex_period=d.uniform(2.0, 4.5),
+            tex_period=d.uniform(3.0, 6.0),
         ))
 
     def centre(obj: dict, t: int) -> tuple[float, float]:
-        w = t / max(frames - 1, 1)
-        return (obj["start"][0] * (1 - w) + obj["end"][0] * w, obj["start"][1] * (1 - w) + obj["end"][1] * w)
+        dt = t - (frames - 1) / 2
+        return obj["mid"][0] + obj["velocity"][0] * dt, obj["mid"][1] + obj["velocity"][1] * dt
 
     video = []
     for t in range(frames):
@@ -175,7 +177,7 @@ def make_clip(seed: int, frames: int = FRAMES, height: int = HEIGHT, width: int 
                                       torch.arange(width, dtype=torch.float32) + 0.5, indexing="ij")
     mask = torch.zeros(frames, height, width)
     if kind == "box":
-        h, w = d.integer(3, min(7, height - 1)), d.integer(3, min(7, width - 1))
+        h, w = d.integer(3, min(6, height - 1)), d.integer(3, min(6, width - 1))
         top, left = d.integer(0, height - h), d.integer(0, width - w)
         mask[:, top:top + h, left:left + w] = 1.0
     elif kind == "blob":
