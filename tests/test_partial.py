@@ -149,5 +149,20 @@ def test_pipeline_default_preset_uses_every_step_kind(prune):
     video = pipe(**edit_inputs(), num_inference_steps=16, guidance_scale=5.0, output_type="pt",
                  generator=torch.Generator().manual_seed(0)).frames
     assert torch.isfinite(video).all()
-    steps = hc.stats(pipe.transformer).steps
+    stats = hc.stats(pipe.transformer)
+    steps = stats.steps
     assert steps["full"] > 0 and steps["partial"] > 0 and steps["reuse"] > 0, steps
+    assert stats.compile_counts["partial"] == 1 and stats.compile_counts["record"] == 1  # no recompiles
+    assert stats.graphs == 1 and 0 < stats.token_fraction < 1 and stats.cache_bytes > 0
+
+
+def test_profiler_shows_partial_steps_and_selection(transformer, inputs):
+    compiled = compile_hetcache(transformer, schedule="FP", margin_radius=1, context_ratio=0.25)
+    run(compiled, inputs)
+    run(compiled, inputs)  # compile both variants outside the profiled region
+    hc.reset(compiled)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        run(compiled, inputs)
+        run(compiled, inputs)
+    names = {event.name for event in prof.events()}
+    assert {"hetcache::full", "hetcache::select", "hetcache::partial"} <= names
