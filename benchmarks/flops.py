@@ -31,9 +31,9 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import hetcache_compile.passes as passes  # noqa: E402
 from common import command_line, machine_description, utc_now, write_table  # noqa: E402
 
-import hetcache_compile.passes as passes  # noqa: E402
 from hetcache_compile.config import PRESETS, HetCacheConfig  # noqa: E402
 from hetcache_compile.priors import classify_tokens, mask_to_token_grid  # noqa: E402
 from hetcache_compile.schedule import make_scheduler  # noqa: E402

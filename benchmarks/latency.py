@@ -35,9 +35,16 @@ import traceback
 from dataclasses import dataclass, field
 
 import torch
-
-from common import (command_line, edit_inputs, machine_description, source_description, tiny_vace_pipeline,
-                    tiny_vace_transformer, utc_now, write_table)
+from common import (
+    command_line,
+    edit_inputs,
+    machine_description,
+    source_description,
+    tiny_vace_pipeline,
+    tiny_vace_transformer,
+    utc_now,
+    write_table,
+)
 
 import hetcache_compile as hc
 
@@ -252,7 +259,8 @@ def main(argv: list[str] | None = None) -> None:
             results.append(benchmark(config, base, inputs, steps, repeats))
         except Exception as error:  # keep measuring the other configs; the table shows the error
             log.error("[%s] failed:\n%s", config.name, traceback.format_exc())
-            results.append(Result(config, error=f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"))
+            first_line = (str(error).splitlines() or [""])[0][:200]
+            results.append(Result(config, error=f"{type(error).__name__}: {first_line}"))
     total = time.perf_counter() - total_start
     load_after = os.getloadavg()
 

@@ -89,7 +89,7 @@ def main() -> None:
         counts = ", ".join(f"{kind} {branch.history.count(kind)}" for kind in LETTER)
         print(f"  {name:<7} {''.join(LETTER[kind] for kind in branch.history)}  ({counts})")
     print(f"  totals over both runs: {stats.summary()}")
-    print(f"  variant compile seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in stats.compile_seconds.items()))
+    print("  variant compile seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in stats.compile_seconds.items()))
     print(f"\nspeedup vs plain torch.compile: {baseline / seconds:.2f}x "
           f"({baseline:.2f} s -> {seconds:.2f} s, second runs)")
     print(f"max abs difference of the video vs plain torch.compile: {(video - reference).abs().max().item():.2e}")

@@ -10,19 +10,19 @@ never in the compiled graphs, so no value of it can cause a recompilation.
 from __future__ import annotations
 
 import logging
-import os
-import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 
+from .compiled import CompiledVariant
 from .config import HetCacheConfig
+from .fingerprint import FingerprintCache
 from .passes import GraphAnalysis, Variants
-from .passes.graph_utils import output_node, placeholders
+from .passes.graph_utils import ancestors, output_node, placeholders
 from .priors import (
     USER_MASKS,
     VACE_MASK_CHANNELS,
@@ -37,70 +37,9 @@ from .stats import BranchStats
 
 logger = logging.getLogger("hetcache_compile")
 
-DUMP_ENV = "HETCACHE_DUMP_GRAPHS"
-
 # Runtimes alive now, so that ``stats(model)`` & co. can find a model's runtimes by its
 # parameters. Filled when a graph is compiled, never at import time; entries vanish with Dynamo's cache.
 LIVE_RUNTIMES: weakref.WeakSet = weakref.WeakSet()
-
-
-class CompiledVariant:
-    """A variant graph compiled by the inner backend on first use, once per input shape, timed.
-
-    ``specialize_on`` is the position of the input whose shape may change between videos (the
-    partial variant's index, of length ``|S|``); each new shape compiles once more, at most
-    ``max_shapes`` kept.
-    """
-
-    def __init__(self, name: str, gm: fx.GraphModule, inner_backend: str, specialize_on: int | None = None,
-                 max_shapes: int = 4):
-        self.name = name
-        self.gm = gm
-        self.inner_backend = inner_backend
-        self.specialize_on = specialize_on
-        self.max_shapes = max_shapes
-        self.compiled: OrderedDict[tuple, Callable] = OrderedDict()
-        self.compile_seconds = 0.0
-        self.compile_count = 0
-
-    def __call__(self, *args):
-        key = tuple(args[self.specialize_on].shape) if self.specialize_on is not None else ()
-        compiled = self.compiled.get(key)
-        if compiled is None:
-            compiled = self._compile(args)
-            self.compiled[key] = compiled
-            if len(self.compiled) > self.max_shapes:
-                self.compiled.popitem(last=False)
-        self.compiled.move_to_end(key)
-        return compiled(*args)
-
-    def _compile(self, args: Sequence[object]) -> Callable:
-        _maybe_dump(self.name, self.gm)
-        start = time.perf_counter()
-        compiler = torch._dynamo.lookup_backend(self.inner_backend)
-        # Inductor takes ownership of the graph it is given and may mutate it.
-        compiled = compiler(_fresh_copy(self.gm), list(args))
-        seconds = time.perf_counter() - start
-        self.compile_seconds += seconds
-        self.compile_count += 1
-        logger.info("compiled %s variant with %s in %.1f s", self.name, self.inner_backend, seconds)
-        return compiled
-
-
-def _fresh_copy(gm: fx.GraphModule) -> fx.GraphModule:
-    from .passes.graph_utils import copy_graph_module
-
-    return copy_graph_module(gm)
-
-
-def _maybe_dump(name: str, gm: fx.GraphModule) -> None:
-    folder = os.environ.get(DUMP_ENV)
-    if folder:
-        os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, f"{name}_{id(gm):x}.py")
-        with open(path, "w") as handle:
-            handle.write(gm.code)
-        logger.info("wrote %s variant to %s", name, path)
 
 
 @dataclass
@@ -136,35 +75,6 @@ class BranchState:
 
 def _contiguous(tensor: torch.Tensor | None) -> torch.Tensor | None:
     return tensor if tensor is None or tensor.is_contiguous() else tensor.contiguous()
-
-
-def fingerprint(tensor: torch.Tensor) -> tuple:
-    """Cheap content key of a tensor: shape, dtype and two reductions (one host sync)."""
-    values = tensor.detach().float()
-    sums = torch.stack([values.sum(), values.abs().sum()]).tolist()
-    return tuple(tensor.shape), str(tensor.dtype), tuple(round(v, 4) for v in sums)
-
-
-class FingerprintCache:
-    """Remembers fingerprints of tensor objects (by weak reference and version counter), so that the
-    same tensor passed again (a pipeline's prompt embeddings, the control video) costs no reduction
-    and no host sync. A new tensor, even at a recycled address, is fingerprinted afresh."""
-
-    def __init__(self, size: int = 16):
-        self.size = size
-        self.entries: OrderedDict[int, tuple] = OrderedDict()
-
-    def __call__(self, tensor: torch.Tensor) -> tuple:
-        entry = self.entries.get(id(tensor))
-        if entry is not None:
-            ref, version, value = entry
-            if ref() is tensor and version == tensor._version:
-                return value
-        value = fingerprint(tensor)
-        self.entries[id(tensor)] = (weakref.ref(tensor), tensor._version, value)
-        if len(self.entries) > self.size:
-            self.entries.popitem(last=False)
-        return value
 
 
 class HetCacheRuntime:
@@ -374,8 +284,6 @@ def _vace_control_index(names: Sequence[str], example_inputs: Sequence[object], 
 
 def _conditioning_indices(gm: fx.GraphModule, analysis: GraphAnalysis, index: dict[str, int]) -> list[int]:
     """User inputs that stay fixed through a run (e.g. VACE's control video): a change means a new video."""
-    from .passes.graph_utils import ancestors
-
     by_name = {n.name: n for n in gm.graph.nodes}
     stream_sources = {n.name for n in ancestors([by_name[analysis.region.stream_input]]) if n.op == "placeholder"}
     skip = stream_sources | set(analysis.text_inputs)

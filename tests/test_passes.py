@@ -5,7 +5,6 @@ import operator
 import pytest
 import torch
 import torch.fx as fx
-
 from hetcache_compile.passes import RewriteRefused, analyze, build_variants
 from hetcache_compile.passes.attention import is_attention
 from hetcache_compile.passes.graph_utils import owning_block, prune_dead_nodes
