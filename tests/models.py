@@ -79,3 +79,17 @@ def edit_inputs(frames: int = 9, height: int = 64, width: int = 64, text_len: in
         "width": width,
         "num_frames": frames,
     }
+
+
+class ToyBlock(torch.nn.Module):
+    """A self-attention block for toy graphs; ``mix_tokens`` adds a mean over tokens (not token-local)."""
+
+    def __init__(self, dim: int = 16, mix_tokens: bool = False):
+        super().__init__()
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.mix_tokens = mix_tokens
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, -1)).permute(2, 0, 3, 1, 4).unbind(0)
+        out = x + torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+        return out + x.mean(dim=1, keepdim=True) if self.mix_tokens else out

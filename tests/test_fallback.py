@@ -7,18 +7,9 @@ import textwrap
 import pytest
 import torch
 from conftest import compile_hetcache, run
+from models import ToyBlock
 
 import hetcache_compile as hc
-
-
-class Block(torch.nn.Module):
-    def __init__(self, dim=16):
-        super().__init__()
-        self.qkv = torch.nn.Linear(dim, 3 * dim)
-
-    def forward(self, x):
-        q, k, v = self.qkv(x).unflatten(-1, (3, 2, -1)).permute(2, 0, 3, 1, 4).unbind(0)
-        return x + torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
 
 
 class LeakyStack(torch.nn.Module):
@@ -26,7 +17,7 @@ class LeakyStack(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.blocks = torch.nn.ModuleList([Block(), Block()])
+        self.blocks = torch.nn.ModuleList([ToyBlock(), ToyBlock()])
 
     def forward(self, x):
         first = self.blocks[0](x)

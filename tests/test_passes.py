@@ -8,6 +8,7 @@ import torch.fx as fx
 from hetcache_compile.passes import RewriteRefused, analyze, build_variants
 from hetcache_compile.passes.attention import is_attention
 from hetcache_compile.passes.graph_utils import owning_block, prune_dead_nodes
+from models import ToyBlock
 
 
 def capture_graph(model, inputs):
@@ -125,24 +126,11 @@ def test_partial_variant_on_any_subset_equals_full_when_inputs_are_unchanged(cap
         torch.testing.assert_close(out[1], residual, rtol=1e-5, atol=1e-5)
 
 
-class MixingBlock(torch.nn.Module):
-    """A block that mixes tokens outside attention (a global mean): not token-local."""
-
-    def __init__(self, dim=16):
-        super().__init__()
-        self.qkv = torch.nn.Linear(dim, 3 * dim)
-
-    def forward(self, x):
-        q, k, v = self.qkv(x).unflatten(-1, (3, 2, -1)).permute(2, 0, 3, 1, 4).unbind(0)
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
-        return x + out + x.mean(dim=1, keepdim=True)
-
-
 class MixingModel(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.embed = torch.nn.Conv3d(4, 16, kernel_size=(1, 2, 2), stride=(1, 2, 2))
-        self.blocks = torch.nn.ModuleList([MixingBlock(), MixingBlock()])
+        self.blocks = torch.nn.ModuleList([ToyBlock(mix_tokens=True), ToyBlock(mix_tokens=True)])
 
     def forward(self, video):
         x = self.embed(video).flatten(2).transpose(1, 2)
