@@ -10,7 +10,7 @@ with the kind of structure a video has after the VAE's 8x spatial / 4x temporal 
 
 - a background that moves: a linear colour gradient plus a periodic pattern (stripes or a checker,
   at a random angle and period) that scrolls at a random speed;
-- 1 to 3 objects drawn over it, each a box or an ellipse (3..7 cells across) with its own
+- 1 to 3 objects drawn over it, each a box or an ellipse (4..7 cells across) with its own
   sinusoidal or checker texture (period 3..6 cells, fixed to the object, so it moves with it),
   moving on a straight line at 1..2.5 cells per frame, so that what a static mask hides in one
   frame is mostly visible in another;
@@ -140,9 +140,9 @@ def make_clip(seed: int, frames: int = FRAMES, height: int = HEIGHT, width: int 
         mid = (d.uniform(2, width - 2), d.uniform(2, height - 2))  # centre in the middle frame
         speed, heading = d.uniform(1.0, 2.5), d.uniform(0, 2 * math.pi)  # cells per frame
         objects.append(dict(
-            shape=d.choice(("box", "ellipse")), a=d.uniform(1.5, 3.5), b=d.uniform(1.5, 3.5),
+            shape=d.choice(("box", "ellipse")), a=d.uniform(2.0, 3.5), b=d.uniform(2.0, 3.5),
             mid=mid, velocity=(speed * math.cos(heading), speed * math.sin(heading)),
-            colour=d.colour(1.0), tex_colour=d.colour(0.6),
+            colour=d.colour(1.0), tex_colour=d.colour(0.35),
             tex_kind=d.choice(("stripes", "checker")), tex_angle=d.uniform(0, math.pi),
             tex_period=d.uniform(3.0, 6.0),
         ))

@@ -143,18 +143,21 @@ def main(argv=None) -> None:
     def mean(values: list[float]) -> str:
         return f"{sum(values) / len(values):.2f}"
 
-    baseline = inside[methods[-1]]
+    def share_above(method: str, baseline: str) -> str:
+        if method == baseline:
+            return "-"
+        wins = sum(s > b for s, b in zip(inside[method], inside[baseline]))
+        return f"{100 * wins / len(kinds):.0f}%"
+
     rows = []
     for method in methods:
         scores = inside[method]
         row = [method] + [mean([s for s, k in zip(scores, kinds) if k == kind]) for kind in MASK_KINDS]
-        row.append(mean(scores))
-        wins = sum(s > b for s, b in zip(scores, baseline))
-        row.append("-" if method == methods[-1] else f"{100 * wins / len(scores):.0f}%")
+        row += [mean(scores), share_above(method, methods[3]), share_above(method, methods[4])]
         row.append(mean(outside[method]) if method in outside else "exact")
         rows.append(row)
-    columns = ["method", *(f"PSNR {k} (dB)" for k in MASK_KINDS), "PSNR all (dB)", "clips above diffusion fill",
-               "PSNR known cells (dB)"]
+    columns = ["method", *(f"PSNR {k} (dB)" for k in MASK_KINDS), "PSNR all (dB)", "clips above mean fill",
+               "clips above diffusion fill", "PSNR known cells (dB)"]
     weights_file = args.weights / WEIGHTS_NAME
     try:
         weights_name = weights_file.resolve().relative_to(REPO_ROOT)

@@ -19,8 +19,8 @@ WEIGHTS_NAME = "proxy.safetensors"
 DIFFUSERS_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"  # what save_pretrained writes
 
 PROXY_CONFIG = dict(
-    patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=16, in_channels=16, out_channels=16,
-    text_dim=32, freq_dim=64, ffn_dim=128, num_layers=4, cross_attn_norm=True,
+    patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=24, in_channels=16, out_channels=16,
+    text_dim=32, freq_dim=64, ffn_dim=192, num_layers=4, cross_attn_norm=True,
     qk_norm="rms_norm_across_heads", rope_max_seq_len=32, vace_layers=[0, 2], vace_in_channels=96,
 )
 TEXT_LEN = 4
