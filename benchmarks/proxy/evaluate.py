@@ -35,6 +35,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/
 
 from common import REPO_ROOT, command_line, machine_description, utc_now, write_table  # noqa: E402
+
 from proxy.data import FRAMES, HEIGHT, MASK_KINDS, WIDTH, heldout_seeds, make_batch  # noqa: E402
 from proxy.model import WEIGHTS_DIR, WEIGHTS_NAME, load_proxy, prompt_embeds, sha256, shift_sigma, vace_control  # noqa: E402
 

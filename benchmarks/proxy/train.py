@@ -37,10 +37,18 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/
 
 from common import machine_description  # noqa: E402
+
 from proxy.data import make_batch, train_seeds  # noqa: E402
 from proxy.model import (  # noqa: E402
-    DIFFUSERS_WEIGHTS_NAME, WEIGHTS_DIR, WEIGHTS_NAME, build_model, num_parameters, prompt_embeds, sha256,
-    shift_sigma, vace_control,
+    DIFFUSERS_WEIGHTS_NAME,
+    WEIGHTS_DIR,
+    WEIGHTS_NAME,
+    build_model,
+    num_parameters,
+    prompt_embeds,
+    sha256,
+    shift_sigma,
+    vace_control,
 )
 
 README = Path(__file__).resolve().parent / "README.md"
