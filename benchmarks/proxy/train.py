@@ -12,7 +12,7 @@ random draw comes from generators seeded by ``--seed``, and deterministic algori
 the same command with the same ``--threads`` on the same torch build rebuilds the weights bit for
 bit (a different thread count may change float reduction order, and so the last bits).
 
-    python benchmarks/proxy/train.py --threads 1          # the committed weights (README.md), ~26 min
+    python benchmarks/proxy/train.py --threads 1          # the committed weights (README.md), 26-30 min
     python benchmarks/proxy/train.py --steps 20 --out /tmp/proxy-a   # a quick check
 
 Writes ``config.json`` and ``proxy.safetensors`` (``save_pretrained``, renamed), ``SHA256SUMS``
@@ -70,7 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (part of what reproduces the bits)")
     p.add_argument("--time-limit", type=float, default=45.0,
                    help="minutes; a guard against an overloaded machine: training past it stops with an "
-                        "error and saves nothing (the defaults take about 26 min at 1 thread)")
+                        "error and saves nothing (the defaults take 26-30 min at 1 thread)")
     p.add_argument("--out", type=Path, default=WEIGHTS_DIR)
     return p.parse_args(argv)
 
