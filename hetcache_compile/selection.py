@@ -104,16 +104,8 @@ def select_margin(margin: torch.Tensor, grid: tuple[int, int, int], ratio: float
 
 def budget_size(classes: TokenClasses, context_ratio: float, margin_ratio: float) -> int:
     """|S| for these classes and ratios (what the partial variant is specialised for)."""
-    grid = classes.grid
-    per_frame = grid[1] * grid[2]
-    margin_count = 0
-    if margin_ratio >= 1.0:
-        margin_count = classes.margin.numel()
-    else:
-        frames = classes.margin // per_frame
-        for frame in torch.unique(frames).tolist():
-            margin_count += round(margin_ratio * int((frames == frame).sum()))
-    return classes.generative.numel() + margin_count + round(context_ratio * classes.context.numel())
+    margin = select_margin(classes.margin, classes.grid, margin_ratio).numel()
+    return classes.generative.numel() + margin + round(context_ratio * classes.context.numel())
 
 
 def select_tokens(classes: TokenClasses, scores: torch.Tensor, hidden: torch.Tensor, context_ratio: float,

@@ -12,6 +12,11 @@ def signals(values):
     return [torch.full((4,), float(v)) for v in values]
 
 
+def growing(factor, steps):
+    """Signals that change by ``factor - 1`` (relative) at every step after the first."""
+    return signals([factor**i for i in range(steps + 1)])
+
+
 def test_fixed_schedule_is_followed_exactly_and_repeats_its_last_letter():
     scheduler = make_scheduler(HetCacheConfig(schedule="FFRFRR"))
     assert kinds(scheduler, [None] * 9) == "FFRFRRRRR"
@@ -38,10 +43,7 @@ def test_adaptive_computes_when_the_accumulated_change_crosses_the_threshold():
     config = HetCacheConfig(threshold=0.5, warmup_steps=1, max_consecutive_reuse=10, refresh_interval=1)
     scheduler = AdaptiveSchedule(config)
     # each step changes by 20 %: A = 0.2, 0.4 (reuse), 0.6 (compute, reset), ...
-    values = [1.0]
-    for _ in range(6):
-        values.append(values[-1] * 1.2)
-    assert kinds(scheduler, signals(values)) == "FRRFRRF"
+    assert kinds(scheduler, growing(1.2, 6)) == "FRRFRRF"
 
 
 def test_adaptive_last_step_is_full_when_the_step_count_is_known():
@@ -53,7 +55,4 @@ def test_adaptive_partial_band_falls_on_full_at_refresh():
     config = HetCacheConfig(threshold=0.5, warmup_steps=1, max_consecutive_reuse=0, refresh_interval=2)
     scheduler = AdaptiveSchedule(config)
     # change 0.6 per step: in [τ, 1.5τ) -> partial, but every 2nd computed step is a refresh
-    values = [1.0]
-    for _ in range(4):
-        values.append(values[-1] * 1.6)
-    assert kinds(scheduler, signals(values)) == "FPFPF"
+    assert kinds(scheduler, growing(1.6, 4)) == "FPFPF"
