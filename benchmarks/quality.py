@@ -1,14 +1,21 @@
-"""Quality of hetcache's presets on the trained proxy model (first cut: hetcache rows only).
+"""Quality vs FLOPs on the trained proxy: full compute, hetcache settings, the peers, step skipping.
 
-Each held-out clip is one video: the proxy samples it with the Euler flow-matching loop of
-``benchmarks/proxy/evaluate.py`` (20 steps, one branch), once uncompiled with full compute and
-once per hetcache setting. The control video changes between clips, so each clip starts a new
-hetcache run by itself. Reported: in-mask PSNR against the full-compute output and against the
-ground truth, and the FLOPs of a run relative to full compute (counted on the meta device for the
-proxy's config, from the step kinds and |S| each setting used). The peers of issue 4 are not in
-this table yet.
+Each held-out clip is one video: every method samples it with the Euler flow-matching loop of
+``benchmarks/proxy/evaluate.py`` (20 steps, shift 3, one branch, no CFG, the same noise), and is
+scored against the full-compute output and against the ground truth (PSNR and SSIM, inside the
+mask and over the whole clip, torchmetrics; ``quality_metrics.py`` says how). The methods and
+settings are in ``peers.py``: hetcache (compiled, inner backend ``aot_eager`` for quality), diffusers'
+FirstBlockCache, PyramidAttentionBroadcast, TaylorSeer and MagCache, cache-dit's DBCache (hooks,
+eager), and a plain step-skipping schedule. A method that fails is a row saying why.
 
-    python benchmarks/quality.py --clips 24
+FLOPs: peers and step skipping are counted on their real runs with FlopCounterMode; hetcache's
+runs are priced from the calls it made (``hc.stats``: full / partial at each |S| / reuse, plus the
+probe and selection) with meta-device counts of each variant; both ways give the same number for
+full compute (checked at every run, in the notes). Writes ``benchmarks/results/quality.md``,
+``quality.json`` and the Pareto plot ``quality.png``.
+
+    python benchmarks/quality.py --threads 1               # 16 clips, 11-17 min on 1 shared CPU thread
+    python benchmarks/quality.py --threads 1 --clips 64    # more clips
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ import argparse
 import statistics
 import sys
 import time
+import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,81 +33,170 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import command_line, machine_description, utc_now, write_table  # noqa: E402
+import peers  # noqa: E402
+import quality_report  # noqa: E402
 from flops import variant_flops  # noqa: E402
-from proxy.data import FRAMES, HEIGHT, WIDTH, heldout_seeds, make_batch  # noqa: E402
-from proxy.evaluate import masked_psnr, sample  # noqa: E402
-from proxy.model import PROXY_CONFIG, load_proxy  # noqa: E402
+from proxy.data import FRAMES, HEIGHT, WIDTH, heldout_seeds, make_batch, train_seeds  # noqa: E402
+from proxy.model import PROXY_CONFIG  # noqa: E402
+from quality_metrics import FlopCount, clip_scores, hetcache_flops  # noqa: E402
 
 import hetcache_compile as hc  # noqa: E402
 
-SETTINGS = {
-    "hetcache quality": {"preset": "quality"},
-    "hetcache balanced": {"preset": "balanced"},
-    "hetcache fast": {"preset": "fast"},
-    "hetcache balanced, partial=False": {"preset": "balanced", "partial": False},
-    "fixed FF(RF)... (reuse half)": {"schedule": "FF" + "RF" * 9},
-}
+NUM_TOKENS = FRAMES * (HEIGHT // 2) * (WIDTH // 2)
 
 
-def run_setting(model, options: dict, clips, steps: int, shift: float, inner: str) -> tuple[list, dict, list]:
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend="hetcache", options={"inner_backend": inner, **options})
-    outputs, fractions = [], []
-    for x0, mask in clips:
-        outputs.append(sample(compiled, x0, mask, steps, shift, torch.Generator().manual_seed(0))[0])
-    stats = hc.stats(model)
-    fractions = [f for b in stats.branches.values() for f in b.token_fractions]
-    return outputs, dict(stats.steps), fractions
+@dataclass
+class Result:
+    """What one method produced on the clips; ``flops`` is None until priced (hetcache) or on failure."""
+
+    method: peers.Method
+    outputs: list = field(default_factory=list)
+    flops: int | None = None
+    seconds: list = field(default_factory=list)
+    error: str = ""
+    steps: dict = field(default_factory=dict)
+    fractions: list = field(default_factory=list)
+    compiles: dict = field(default_factory=dict)
+
+
+def run_method(method: peers.Method, clips: list, shift: float, latency_clips: int) -> Result:
+    """Sample every clip with ``method``; count FLOPs (peers) or record hetcache's calls; time a few clips."""
+    result = Result(method)
+    try:
+        runner = method.build()
+        total = 0
+        for x0, mask in clips:
+            start = time.perf_counter()
+            if method.hetcache:
+                result.outputs.append(peers.euler_sample(runner, x0, mask, method.steps, shift))
+            else:
+                with FlopCount() as count:
+                    result.outputs.append(peers.euler_sample(runner, x0, mask, method.steps, shift))
+                total += count.total
+            result.seconds.append(time.perf_counter() - start)
+        if method.hetcache:
+            stats = hc.stats(runner.model)
+            result.steps = dict(stats.steps)
+            result.fractions = [f for b in stats.branches.values() for f in b.token_fractions]
+            result.compiles = dict(stats.compile_counts)
+            result.seconds = result.seconds[1:]  # the first clip compiles the variants
+        else:
+            result.flops = total
+            result.seconds = [_timed(runner, x0, mask, method.steps, shift) for x0, mask in clips[:latency_clips]]
+    except Exception as error:  # a failing peer is a result
+        message = (str(error) or repr(error)).splitlines() or [""]
+        result.error = f"{type(error).__name__}: {message[0][:200]}"
+        traceback.print_exc()
+    return result
+
+
+def _timed(runner, x0, mask, steps: int, shift: float) -> float:
+    start = time.perf_counter()
+    peers.euler_sample(runner, x0, mask, steps, shift)
+    return time.perf_counter() - start
+
+
+def price_hetcache(results: list[Result]):
+    """Price every hetcache result from meta-device counts of the proxy's variants; return the counts."""
+    sizes = sorted({round(f * NUM_TOKENS) for r in results for f in r.fractions} | {NUM_TOKENS})
+    counted = variant_flops(dict(PROXY_CONFIG), 4 * (FRAMES - 1) + 1, HEIGHT * 8, WIDTH * 8, sizes, text_len=4)
+    heads, head_dim = PROXY_CONFIG["num_attention_heads"], PROXY_CONFIG["attention_head_dim"]
+    for r in results:
+        if r.method.hetcache and not r.error:
+            r.flops = hetcache_flops(r.steps, r.fractions, counted, NUM_TOKENS, heads, head_dim)
+    return counted
+
+
+def inductor_latency(settings: list[dict], clip: tuple, shift: float, repeats: int) -> list[list[str]]:
+    """s/clip with Inductor: plain ``torch.compile`` and hetcache settings, steady state.
+
+    The first run of ``clip`` compiles (reported apart); then ``clip`` is sampled ``repeats`` times
+    (each is a new hetcache run, as the timestep goes back up) and the median is reported. One clip
+    so that hetcache's partial variant, compiled per |S|, is not recompiled inside the timing.
+    """
+    rows = []
+    builds = [("torch.compile (inductor), full compute", "-", peers.compiled_runner)]
+    builds += [
+        ("hetcache (inner inductor)", peers._describe(o), peers.hetcache_runner(o, "inductor")) for o in settings
+    ]
+    for name, options, build in tqdm(builds, desc="inductor latency"):
+        start = time.perf_counter()
+        runner = build()
+        peers.euler_sample(runner, *clip, peers.STEPS, shift)
+        warm = time.perf_counter() - start
+        seconds = [_timed(runner, *clip, peers.STEPS, shift) for _ in range(repeats)]
+        rows.append([name, options, f"{statistics.median(seconds):.3f}", f"{warm:.0f}", str(repeats)])
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--clips", type=int, default=24)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--clips", type=int, default=16, help="held-out clips")
     parser.add_argument("--shift", type=float, default=3.0)
-    parser.add_argument("--inner-backend", default="aot_eager", choices=("inductor", "aot_eager", "eager"))
+    parser.add_argument(
+        "--inner-backend",
+        default="aot_eager",
+        choices=("inductor", "aot_eager", "eager"),
+        help="hetcache's inner backend for the quality runs",
+    )
+    parser.add_argument("--latency-clips", type=int, default=4, help="clips timed per method (repeats with Inductor)")
+    parser.add_argument(
+        "--inductor",
+        nargs="*",
+        default=["quality", "balanced", "fast"],
+        help="hetcache presets timed with the Inductor inner backend (none: skip)",
+    )
+    parser.add_argument("--only", nargs="*", help="run only methods whose family contains one of these words")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.time()
-    model = load_proxy()
-    x0s, masks, _kinds = make_batch(heldout_seeds(args.clips))
-    clips = [(x0s[i:i + 1], masks[i:i + 1]) for i in range(args.clips)]
-    with torch.no_grad():
-        reference = [sample(model, x0, mask, args.steps, args.shift, torch.Generator().manual_seed(0))[0]
-                     for x0, mask in tqdm(clips, desc="full compute")]
-        results = {}
-        for name, options in tqdm(SETTINGS.items(), desc="settings"):
-            results[name] = run_setting(model, options, clips, args.steps, args.shift, args.inner_backend)
-
-    grid_tokens = (FRAMES // 1) * (HEIGHT // 2) * (WIDTH // 2)
-    sizes = sorted({round(f * grid_tokens) for _, _, fr in results.values() for f in fr}) or [grid_tokens]
-    config = {k: v for k, v in PROXY_CONFIG.items()}
-    counted = variant_flops(config, 4 * (FRAMES - 1) + 1, HEIGHT * 8, WIDTH * 8, sizes, text_len=4)
-    full_run = args.clips * args.steps * counted.full
-
-    def psnr_vs(outputs, targets):
-        return statistics.mean(s for o, t, (_, m) in zip(outputs, targets, clips) for s in masked_psnr(o, t, m))
-
-    truth = [x0 for x0, _ in clips]
-    rows = [["full compute", "inf", f"{psnr_vs(reference, truth):.2f}", "1.00x",
-             f"{args.clips * args.steps}/0/0", "-"]]
-    for name, (outputs, steps, fractions) in results.items():
-        partial_flops = sum(counted.partial.get(round(f * grid_tokens), counted.full) for f in fractions)
-        total = steps["full"] * counted.full + partial_flops + steps["reuse"] * counted.reuse
-        rows.append([name, f"{psnr_vs(outputs, reference):.2f}", f"{psnr_vs(outputs, truth):.2f}",
-                     f"{full_run / total:.2f}x", f"{steps['full']}/{steps['partial']}/{steps['reuse']}",
-                     f"{100 * statistics.mean(fractions):.0f}%" if fractions else "-"])
-    columns = ["method", "in-mask PSNR vs full compute (dB)", "in-mask PSNR vs ground truth (dB)",
-               "FLOPs reduction", "calls F/P/R (all clips)", "mean |S|/N"]
-    header = [f"machine: {machine_description()}", f"date: {utc_now()}; command: `{command_line()}`; "
-              f"{time.time() - start:.0f} s",
-              f"proxy model `benchmarks/proxy/weights` ({grid_tokens} tokens per clip), {args.clips} held-out clips, "
-              f"Euler {args.steps} steps (shift {args.shift}), no CFG; inner backend {args.inner_backend}",
-              "peers (FirstBlockCache, PAB, TaylorSeer, MagCache, DBCache) not measured yet"]
-    write_table("quality", "Quality on the trained proxy: hetcache presets vs full compute", columns, rows,
-                header=header)
+    x0s, masks, _ = make_batch(heldout_seeds(args.clips))
+    clips = [(x0s[i : i + 1], masks[i : i + 1]) for i in range(args.clips)]
+    calib_x0, calib_mask, _ = make_batch(train_seeds(0, 1))
+    ratios = peers.magcache_ratios(calib_x0, calib_mask, args.shift)
+    methods = peers.default_methods(args.inner_backend, ratios)
+    if args.only:
+        methods = methods[:1] + [m for m in methods[1:] if any(w.lower() in m.family.lower() for w in args.only)]
+    results = [run_method(m, clips, args.shift, args.latency_clips) for m in tqdm(methods, desc="methods")]
+    try:
+        counted = price_hetcache(results)
+    except Exception as error:  # keep the peers' results even if the meta-device count breaks
+        traceback.print_exc()
+        counted = None
+        for r in results:
+            if r.method.hetcache and not r.error:
+                r.error = f"FLOPs pricing failed: {type(error).__name__}: {str(error)[:150]}"
+    latency = (
+        inductor_latency([{"preset": p} for p in args.inductor], clips[0], args.shift, args.latency_clips)
+        if args.inductor
+        else []
+    )
+    truths, masks_list = [x0 for x0, _ in clips], [m for _, m in clips]
+    reference = results[0].outputs
+    scored = []
+    for r in results:
+        if r.error:
+            scored.append((r, None, None))
+            continue
+        scored.append(
+            (
+                r,
+                clip_scores(r.outputs, reference, truths, masks_list),
+                clip_scores(r.outputs, truths, truths, masks_list),
+            )
+        )
+    run = dict(
+        clips=args.clips,
+        shift=args.shift,
+        inner=args.inner_backend,
+        seconds=time.time() - start,
+        full_meta=counted.full * peers.STEPS * args.clips if counted else 0,
+        full_counted=results[0].flops,
+        ratios=ratios,
+        num_tokens=NUM_TOKENS,
+    )
+    quality_report.write(scored, latency, run)
 
 
 if __name__ == "__main__":
