@@ -109,7 +109,8 @@ def variant_flops(config: dict, frames: int, height: int, width: int, selected: 
     partial = {}
     for size in sorted(set(selected)):
         index = torch.arange(size, device="meta")
-        partial[size] = count(lambda: variants.partial(*example_inputs, index, exit_cache, *caches))
+        context = [c.narrow(-2, size, c.shape[-2] - size) for c in caches]  # any N - |S| rows
+        partial[size] = count(lambda: variants.partial(*example_inputs, index, exit_cache, *context))
     return VariantFlops(full=full, reuse=reuse, probe=probe, partial=partial, num_tokens=analysis.region.num_tokens,
                         grid=analysis.token_grid.grid)
 

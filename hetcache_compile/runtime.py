@@ -32,7 +32,7 @@ from .priors import (
     mask_to_token_grid,
 )
 from .schedule import StepKind, StepScheduler, make_scheduler
-from .selection import relevance, select_tokens
+from .selection import complement, relevance, select_tokens
 from .stats import BranchStats
 
 logger = logging.getLogger("hetcache_compile")
@@ -50,7 +50,8 @@ class BranchState:
     stats: BranchStats
     residual: torch.Tensor | None = None
     exit: torch.Tensor | None = None  # final hidden states of all tokens (partial scatter target)
-    site_caches: list[torch.Tensor] = field(default_factory=list)  # k0, v0, k1, v1, ... or a0, a1, ...
+    # k0, v0, k1, v1, ... (all tokens after a full step, the rows outside S once S is chosen) or a0, a1, ...
+    site_caches: list[torch.Tensor] = field(default_factory=list)
     selection: torch.Tensor | None = None  # S, chosen after the last full step
     pending_selection: tuple | None = None  # (query, key) of the last full step, until S is chosen
     classes: TokenClasses | None = None
@@ -183,12 +184,16 @@ class HetCacheRuntime:
             with torch.profiler.record_function("hetcache::select"):
                 query, key = state.pending_selection
                 state.selection = self._select(state.classes, query, key, state.exit)
+                if self.config.prune == "block":  # the partial variant reads the context rows only
+                    context = complement(state.selection, state.classes.num_tokens)
+                    state.site_caches = [cache.index_select(cache.dim() - 2, context) for cache in state.site_caches]
             state.pending_selection = None
-        caches = state.site_caches if self.config.prune == "attention" else [state.exit, *state.site_caches]
+        attention_prune = self.config.prune == "attention"
+        caches = state.site_caches if attention_prune else [state.exit, *state.site_caches]
         outputs = self.partial(*args, state.selection, *caches)
         n = self.num_outputs
         residual, exit, *site_caches = outputs[n:]
-        state.store(residual, exit, site_caches)
+        state.store(residual, exit, site_caches if attention_prune else state.site_caches)
         state.stats.token_fractions.append(state.selection.numel() / state.classes.num_tokens)
         return outputs[:n]
 

@@ -121,3 +121,10 @@ def select_tokens(classes: TokenClasses, scores: torch.Tensor, hidden: torch.Ten
 
 __all__ = ["budget_size", "kmeans", "proportional_quotas", "relevance", "select_context", "select_margin",
            "select_tokens"]
+
+
+def complement(indices: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """The sorted token indices in ``range(num_tokens)`` that are not in ``indices``."""
+    keep = torch.ones(num_tokens, dtype=torch.bool, device=indices.device)
+    keep[indices] = False
+    return keep.nonzero().squeeze(1)

@@ -3,17 +3,23 @@
 Contract: ``build_partial_variant(gm, region, token_inputs, sites)`` returns a new GraphModule
 whose placeholders are ``gm``'s followed by ``hetcache_index`` (int64 ``[|S|]``, sorted token
 indices), ``hetcache_exit_cache`` (the region exit of the last computed step, all tokens) and
-``hetcache_k{j}``, ``hetcache_v{j}`` for each self-attention site j (its keys/values of the
-last computed step, all tokens, in the layout attention reads them). It:
+``hetcache_k{j}``, ``hetcache_v{j}`` for each self-attention site j: the *context cache*, the
+keys/values of the last full step for the N - |S| tokens outside S, in the layout attention
+reads them, in any order along the token axis. It:
 
 1. gathers every token input of the region at S (``token_inputs``: name -> token dim);
 2. runs the region on |S| tokens; at each self-attention site the keys and values are the
-   cached ones with rows S replaced by the fresh ones (``index_copy``), queries are S only;
+   context cache followed by the fresh keys/values of S (``cat``), queries are S only;
 3. scatters the region exit into the cached exit and runs the epilogue on all tokens.
 
-Outputs: ``gm``'s outputs, then the stack residual, the new exit cache and the new key/value
-caches (``k0, v0, k1, v1, ...``), i.e. the layout of ``build_full_variant``'s cache outputs.
-With S = all tokens it computes exactly what ``gm`` computes. ``gm`` is not modified.
+Attention without a mask does not depend on the order of its keys, so appending the fresh rows
+gives the same result as writing them back in place, and a partial step never rewrites an
+N-row cache (an ``index_copy`` per site cost more than the attention it saved on CPU). Sites with
+an attention mask or ``is_causal`` are refused. The context caches do not change between full
+steps, so they are inputs only.
+
+Outputs: ``gm``'s outputs, then the stack residual and the new exit cache. With S = all tokens
+(empty context caches) it computes exactly what ``gm`` computes. ``gm`` is not modified.
 
 ``build_attention_partial_variant(gm, region, sites)`` is the ``prune="attention"`` form (the
 paper's code): every op runs on all tokens except self-attention, whose queries are S only;
@@ -31,6 +37,7 @@ import torch
 import torch.fx as fx
 
 from .attention import attention_operand
+from .errors import RewriteRefused
 from .graph_utils import copy_graph_module, finalize, output_node, placeholders, prune_dead_nodes, tensor_shape
 from .token_axis import GATHER_PREFIX
 from .token_region import TokenRegion
@@ -73,16 +80,15 @@ def build_partial_variant(gm: fx.GraphModule, region: TokenRegion, token_inputs:
         gathered.name = f"{GATHER_PREFIX}_{name}"
         source.replace_all_uses_with(gathered, delete_user_cb=lambda user: user.name in region.nodes)
 
-    fresh_caches = []
     for j, site_name in enumerate(sites):
         site = by_name[site_name]
+        _refuse_masked_attention(site)
         for operand, (position, keyword) in (("k", (1, "key")), ("v", (2, "value"))):
             fresh = attention_operand(site, position, keyword)
             dim = len(tensor_shape(fresh)) - 2
             with graph.inserting_before(site):
-                spliced = graph.call_function(torch.index_copy, (inputs[f"hetcache_{operand}{j}"], dim, index, fresh))
-            set_attention_operand(site, position, keyword, spliced)
-            fresh_caches.append(spliced)
+                keys = graph.call_function(torch.cat, ([inputs[f"hetcache_{operand}{j}"], fresh], dim))
+            set_attention_operand(site, position, keyword, keys)
 
     exit_node, stream = by_name[region.exit], by_name[region.stream_input]
     with graph.inserting_after(exit_node):
@@ -93,9 +99,17 @@ def build_partial_variant(gm: fx.GraphModule, region: TokenRegion, token_inputs:
         residual = graph.call_function(operator.sub, (exit_full, stream))
 
     output = output_node(graph)
-    output.args = (tuple(output.args[0]) + (residual, exit_full, *fresh_caches),)
+    output.args = (tuple(output.args[0]) + (residual, exit_full),)
     prune_dead_nodes(graph)
     return finalize(partial)
+
+
+def _refuse_masked_attention(site: fx.Node) -> None:
+    mask = attention_operand(site, 3, "attn_mask")
+    causal = site.args[5] if len(site.args) > 5 else site.kwargs.get("is_causal", False)
+    if mask is not None or causal:
+        raise RewriteRefused(f"self-attention '{site.name}' has an attention mask or is causal: the order of its "
+                             "keys matters, so cached keys cannot be reused for a subset of tokens")
 
 
 def build_attention_partial_variant(gm: fx.GraphModule, region: TokenRegion,

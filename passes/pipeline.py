@@ -225,8 +225,8 @@ def _build_checked_partial(gm: fx.GraphModule, analysis: GraphAnalysis, example_
     }
     for j, name in enumerate(sites):
         site = by_name[name]
-        extra[f"hetcache_k{j}"] = _empty_like_meta(attention_operand(site, 1, "key"))
-        extra[f"hetcache_v{j}"] = _empty_like_meta(attention_operand(site, 2, "value"))
+        extra[f"hetcache_k{j}"] = _context_cache_example(attention_operand(site, 1, "key"), tokens - selected)
+        extra[f"hetcache_v{j}"] = _context_cache_example(attention_operand(site, 2, "value"), tokens - selected)
         extra[f"hetcache_a{j}"] = _empty_like_meta(site)
     if prune == "attention":
         partial = build_attention_partial_variant(gm, analysis.region, sites)
@@ -245,6 +245,13 @@ def _build_checked_partial(gm: fx.GraphModule, analysis: GraphAnalysis, example_
 def _empty_like_meta(node: fx.Node) -> torch.Tensor:
     value = node.meta["example_value"]
     return torch.empty(tuple(value.shape), dtype=value.dtype, device=value.device)
+
+
+def _context_cache_example(node: fx.Node, context_tokens: int) -> torch.Tensor:
+    """A key/value cache like ``node``'s value with ``context_tokens`` rows on the token axis (dim -2)."""
+    value = node.meta["example_value"]
+    shape = (*value.shape[:-2], context_tokens, value.shape[-1])
+    return torch.empty(shape, dtype=value.dtype, device=value.device)
 
 
 def run_pass(name: str, fn: Callable, *args, verify: tuple[fx.GraphModule, list[str]] | None = None):
