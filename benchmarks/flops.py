@@ -193,7 +193,8 @@ def rows_for(frames: int, mask_name: str, steps: int) -> list[list[str]]:
     sizes = {}
     for name, config in configs.items():
         classes = classify_tokens(token_mask, config.margin_radius)
-        sizes[name] = (budget_size(classes, config.context_ratio, config.margin_ratio), classes)
+        sizes[name] = (budget_size(classes, config.context_ratio, config.margin_ratio, config.size_buckets),
+                       classes)
     flops = variant_flops(WAN_VACE_1_3B, frames, height, width, [size for size, _ in sizes.values()])
     baseline = None
     rows = []

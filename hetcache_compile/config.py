@@ -72,6 +72,10 @@ class HetCacheConfig:
             self-attention queries are restricted to S; cross-attention and FFN see all tokens,
             as in the paper's code).
         partial: build partial steps at all (``False``: step-level caching only).
+        size_buckets: |S| is rounded up to a multiple of ``ceil(N / size_buckets)`` by computing
+            extra context tokens (the most relevant ones left), so videos with different masks
+            share compiled partial variants: at most ``size_buckets`` of them per resolution.
+            ``0`` keeps |S| exact (one compilation per distinct |S|).
     """
 
     preset: str = "balanced"
@@ -91,6 +95,7 @@ class HetCacheConfig:
     relevance_site: int | str = -1
     prune: str = "block"
     partial: bool = True
+    size_buckets: int = 16
 
     def __post_init__(self) -> None:
         _require(self.preset in PRESETS, "preset", self.preset, f"one of {sorted(PRESETS)}")
@@ -99,7 +104,7 @@ class HetCacheConfig:
                  "'adaptive', 'full' or a string of F/P/R letters starting with F, e.g. 'FFRPRF'")
         _require(_is_number(self.threshold) and self.threshold > 0, "threshold", self.threshold, "a number > 0")
         for name, minimum in (("warmup_steps", 1), ("refresh_interval", 1), ("max_consecutive_reuse", 0),
-                              ("max_branches", 1), ("num_clusters", 1)):
+                              ("max_branches", 1), ("num_clusters", 1), ("size_buckets", 0)):
             value = getattr(self, name)
             _require(isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
                      name, value, f"an integer >= {minimum}")

@@ -202,7 +202,8 @@ class HetCacheRuntime:
         cfg = self.config
         scores = relevance(query, key, classes.generative)
         hidden = exit.float().mean(dim=0)
-        chosen = select_tokens(classes, scores, hidden, cfg.context_ratio, cfg.margin_ratio, cfg.num_clusters)
+        chosen = select_tokens(classes, scores, hidden, cfg.context_ratio, cfg.margin_ratio, cfg.num_clusters,
+                               cfg.size_buckets)
         return chosen.to(exit.device)
 
     def _run_probe(self, args: Sequence[object]) -> torch.Tensor:

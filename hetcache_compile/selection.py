@@ -102,25 +102,41 @@ def select_margin(margin: torch.Tensor, grid: tuple[int, int, int], ratio: float
     return torch.cat(chosen) if chosen else margin[:0]
 
 
-def budget_size(classes: TokenClasses, context_ratio: float, margin_ratio: float) -> int:
+def round_up_size(size: int, num_tokens: int, buckets: int) -> int:
+    """``size`` rounded up to a multiple of ``ceil(num_tokens / buckets)`` (at most ``num_tokens``)."""
+    if buckets == 0 or size == 0:
+        return size
+    step = -(-num_tokens // buckets)
+    return min(num_tokens, -(-size // step) * step)
+
+
+def budget_size(classes: TokenClasses, context_ratio: float, margin_ratio: float, buckets: int = 0) -> int:
     """|S| for these classes and ratios (what the partial variant is specialised for)."""
     margin = select_margin(classes.margin, classes.grid, margin_ratio).numel()
-    return classes.generative.numel() + margin + round(context_ratio * classes.context.numel())
+    size = classes.generative.numel() + margin + round(context_ratio * classes.context.numel())
+    return round_up_size(size, classes.num_tokens, buckets)
 
 
 def select_tokens(classes: TokenClasses, scores: torch.Tensor, hidden: torch.Tensor, context_ratio: float,
-                  margin_ratio: float, num_clusters: int) -> torch.Tensor:
-    """Sorted indices S = G ∪ M_sel ∪ C_sel, int64 on the CPU."""
+                  margin_ratio: float, num_clusters: int, buckets: int = 0) -> torch.Tensor:
+    """Sorted indices S = G ∪ M_sel ∪ C_sel, int64 on the CPU, of size ``budget_size(...)``.
+
+    With ``buckets > 0`` the most relevant tokens left fill S up to its rounded size.
+    """
     parts = [
         classes.generative,
         select_margin(classes.margin, classes.grid, margin_ratio),
         select_context(classes.context, scores, hidden, context_ratio, num_clusters),
     ]
-    return torch.sort(torch.cat(parts)).values
+    chosen = torch.cat(parts)
+    missing = round_up_size(chosen.numel(), classes.num_tokens, buckets) - chosen.numel()
+    if missing > 0:
+        rest = complement(chosen, classes.num_tokens)
+        best = torch.argsort(scores.cpu()[rest], descending=True, stable=True)[:missing]
+        chosen = torch.cat([chosen, rest[best]])
+    return torch.sort(chosen).values
 
 
-__all__ = ["budget_size", "kmeans", "proportional_quotas", "relevance", "select_context", "select_margin",
-           "select_tokens"]
 
 
 def complement(indices: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -128,3 +144,7 @@ def complement(indices: torch.Tensor, num_tokens: int) -> torch.Tensor:
     keep = torch.ones(num_tokens, dtype=torch.bool, device=indices.device)
     keep[indices] = False
     return keep.nonzero().squeeze(1)
+
+
+__all__ = ["budget_size", "complement", "kmeans", "proportional_quotas", "relevance", "round_up_size",
+           "select_context", "select_margin", "select_tokens"]

@@ -35,6 +35,7 @@ def test_unknown_key_names_the_key_and_the_allowed_ones():
         ("num_steps", 0),
         ("rescale", "sdxl"),
         ("max_branches", True),
+        ("size_buckets", -1),
     ],
 )
 def test_bad_values_raise_naming_the_key(key, value):

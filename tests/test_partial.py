@@ -126,8 +126,11 @@ def test_batch_with_per_sample_masks_uses_their_union(transformer):
     torch.testing.assert_close(partial, full, rtol=1e-4, atol=1e-4)
 
 
-def test_a_new_video_with_another_mask_specialises_the_partial_variant_again(transformer):
-    compiled = compile_hetcache(transformer, schedule="FP", margin_radius=0, context_ratio=0.0)
+@pytest.mark.parametrize("size_buckets, fractions, compiles", [(0, [3 / 48, 12 / 48], 2), (4, [12 / 48, 12 / 48], 1)])
+def test_a_new_video_with_another_mask_reuses_the_partial_variant_of_its_size_bucket(transformer, size_buckets,
+                                                                                      fractions, compiles):
+    compiled = compile_hetcache(transformer, schedule="FP", margin_radius=0, context_ratio=0.0,
+                                size_buckets=size_buckets)
     for box in ((0, 2, 0, 2), (0, 4, 0, 4)):  # 3 then 12 generative tokens per video
         inputs = transformer_inputs()
         inputs["control_hidden_states"] = vace_control(box_mask(box=box))
@@ -135,8 +138,8 @@ def test_a_new_video_with_another_mask_specialises_the_partial_variant_again(tra
         out = run(compiled, inputs)
         torch.testing.assert_close(out, run(transformer, inputs), rtol=1e-4, atol=1e-4)
     stats = hc.stats(transformer)
-    assert stats.branches["cond"].token_fractions == [3 / 48, 12 / 48]
-    assert stats.compile_counts["partial"] == 2
+    assert stats.branches["cond"].token_fractions == fractions  # buckets of 12 tokens: 3 rounds up to 12
+    assert stats.compile_counts["partial"] == compiles
 
 
 @pytest.mark.parametrize("prune", ["block", "attention"])
