@@ -20,6 +20,7 @@ measured against the eager output video.
 
     python benchmarks/latency.py             # writes benchmarks/results/latency.md
     python benchmarks/latency.py --quick     # smoke run, writes benchmarks/results/latency_quick.md
+    python benchmarks/latency.py --medium    # dim 256, 768 tokens, writes benchmarks/results/latency_medium.md
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ log = logging.getLogger("benchmarks.latency")
 # "Small WanVACE": big enough that the transformer blocks dominate a pipeline call on CPU.
 SMALL_MODEL = dict(num_layers=8, vace_layers=(0, 2, 4, 6), heads=4, head_dim=32, text_dim=64, ffn_dim=256)
 SMALL_INPUTS = dict(frames=9, height=128, width=128, text_dim=64)  # 3 x 8 x 8 = 192 tokens
+# --medium: dim 256 and 768 tokens, where matmuls and attention rather than per-op overhead dominate a call.
+MEDIUM_MODEL = dict(num_layers=8, vace_layers=(0, 2, 4, 6), heads=8, head_dim=32, text_dim=64, ffn_dim=512)
+MEDIUM_INPUTS = dict(frames=9, height=256, width=256, text_dim=64)  # 3 x 16 x 16 = 768 tokens
 # --quick: the test suite's tiny defaults.
 QUICK_MODEL = dict(num_layers=4, vace_layers=(0, 2), heads=2, head_dim=12, text_dim=32, ffn_dim=32)
 QUICK_INPUTS = dict(frames=5, height=32, width=32, text_dim=32)
@@ -209,6 +213,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--inner-backend", default="inductor", choices=("inductor", "aot_eager", "eager"),
                         help="hetcache's inner compiler, also the backend of the plain torch.compile baseline")
     parser.add_argument("--quick", action="store_true", help="tiny model, few steps: a smoke run")
+    parser.add_argument("--medium", action="store_true",
+                        help="dim 256, 768 tokens (writes latency_medium.md): compute rather than per-op overhead")
     parser.add_argument("--name", default=None,
                         help="results file benchmarks/results/<name>.md (default latency, latency_quick with --quick)")
     parser.add_argument("--threads", type=int, default=None,
@@ -221,9 +227,10 @@ def main(argv: list[str] | None = None) -> None:
     repeats = args.repeats or (1 if args.quick else 3)
     if steps < 2 or repeats < 1:
         parser.error("--steps must be >= 2 and --repeats >= 1")
-    name = args.name or ("latency_quick" if args.quick else "latency")
-    model_kwargs = QUICK_MODEL if args.quick else SMALL_MODEL
-    input_kwargs = QUICK_INPUTS if args.quick else SMALL_INPUTS
+    size = "quick" if args.quick else "medium" if args.medium else "small"
+    name = args.name or {"quick": "latency_quick", "medium": "latency_medium", "small": "latency"}[size]
+    model_kwargs = {"quick": QUICK_MODEL, "medium": MEDIUM_MODEL, "small": SMALL_MODEL}[size]
+    input_kwargs = {"quick": QUICK_INPUTS, "medium": MEDIUM_INPUTS, "small": SMALL_INPUTS}[size]
 
     if args.threads:
         torch.set_num_threads(args.threads)
