@@ -97,7 +97,7 @@ class HetCacheConfig:
     relevance_site: int | str = -1
     prune: str = "block"
     partial: bool = True
-    size_buckets: int = 16
+    size_buckets: int = 32
 
     def __post_init__(self) -> None:
         _require(self.preset in PRESETS, "preset", self.preset, f"one of {sorted(PRESETS)}")

@@ -108,6 +108,15 @@ def ancestors(nodes: Iterable[fx.Node], values_only: bool = False) -> set[fx.Nod
     return seen
 
 
+def insert_residual(graph: fx.Graph, exit_node: fx.Node, stream: fx.Node) -> fx.Node:
+    """Insert ``exit - stream`` right after ``exit_node``: the change a block stack made to its stream."""
+    with graph.inserting_after(exit_node):
+        residual = graph.call_function(operator.sub, (exit_node, stream))
+    if "example_value" in exit_node.meta:
+        residual.meta["example_value"] = exit_node.meta["example_value"]
+    return residual
+
+
 def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     """A deep copy whose nodes keep their names and ``meta``; the input is never touched."""
     return copy.deepcopy(gm)

@@ -30,7 +30,6 @@ Placeholders: ``gm``'s, ``hetcache_index``, ``hetcache_a0, hetcache_a1, ...``; o
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Sequence
 
 import torch
@@ -38,7 +37,15 @@ import torch.fx as fx
 
 from .attention import attention_operand
 from .errors import RewriteRefused
-from .graph_utils import copy_graph_module, finalize, output_node, placeholders, prune_dead_nodes, tensor_shape
+from .graph_utils import (
+    copy_graph_module,
+    finalize,
+    insert_residual,
+    output_node,
+    placeholders,
+    prune_dead_nodes,
+    tensor_shape,
+)
 from .token_axis import GATHER_PREFIX
 from .token_region import TokenRegion
 
@@ -95,8 +102,7 @@ def build_partial_variant(gm: fx.GraphModule, region: TokenRegion, token_inputs:
         exit_full = graph.call_function(torch.index_copy, (inputs[EXIT_CACHE_INPUT], 1, index, exit_node))
     exit_node.replace_all_uses_with(exit_full, delete_user_cb=lambda user: user is not exit_full
                                     and user.name not in region.nodes)
-    with graph.inserting_after(exit_full):
-        residual = graph.call_function(operator.sub, (exit_full, stream))
+    residual = insert_residual(graph, exit_full, stream)
 
     output = output_node(graph)
     output.args = (tuple(output.args[0]) + (residual, exit_full),)
@@ -132,8 +138,7 @@ def build_attention_partial_variant(gm: fx.GraphModule, region: TokenRegion,
         site.replace_all_uses_with(spliced, delete_user_cb=lambda user: user is not spliced)
         fresh_caches.append(spliced)
     exit_node, stream = by_name[region.exit], by_name[region.stream_input]
-    with graph.inserting_after(exit_node):
-        residual = graph.call_function(operator.sub, (exit_node, stream))
+    residual = insert_residual(graph, exit_node, stream)
     output = output_node(graph)
     output.args = (tuple(output.args[0]) + (residual, exit_node, *fresh_caches),)
     return finalize(partial)

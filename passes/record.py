@@ -17,13 +17,12 @@ outputs, then:
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Sequence
 
 import torch.fx as fx
 
 from .attention import attention_operand
-from .graph_utils import copy_graph_module, finalize, output_node
+from .graph_utils import copy_graph_module, finalize, insert_residual, output_node
 from .token_region import TokenRegion
 
 
@@ -32,10 +31,8 @@ def build_full_variant(gm: fx.GraphModule, region: TokenRegion, sites: Sequence[
     full = copy_graph_module(gm)
     by_name = {n.name: n for n in full.graph.nodes}
     exit_node, stream = by_name[region.exit], by_name[region.stream_input]
-    with full.graph.inserting_after(exit_node):
-        residual = full.graph.call_function(operator.sub, (exit_node, stream))
+    residual = insert_residual(full.graph, exit_node, stream)
     residual.name = "hetcache_residual"
-    residual.meta["example_value"] = exit_node.meta.get("example_value")
 
     extra = [residual, exit_node]
     for name in sites:
