@@ -60,6 +60,12 @@ MEDIUM_INPUTS = dict(frames=9, height=256, width=256, text_dim=64)  # 3 x 16 x 1
 # --quick: the test suite's tiny defaults.
 QUICK_MODEL = dict(num_layers=4, vace_layers=(0, 2), heads=2, head_dim=12, text_dim=32, ffn_dim=32)
 QUICK_INPUTS = dict(frames=5, height=32, width=32, text_dim=32)
+# size -> (results file name, model kwargs, input kwargs)
+SIZES = {
+    "small": ("latency", SMALL_MODEL, SMALL_INPUTS),
+    "medium": ("latency_medium", MEDIUM_MODEL, MEDIUM_INPUTS),
+    "quick": ("latency_quick", QUICK_MODEL, QUICK_INPUTS),
+}
 
 LETTER = {"full": "F", "partial": "P", "reuse": "R"}
 
@@ -216,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--medium", action="store_true",
                         help="dim 256, 768 tokens (writes latency_medium.md): compute rather than per-op overhead")
     parser.add_argument("--name", default=None,
-                        help="results file benchmarks/results/<name>.md (default latency, latency_quick with --quick)")
+                        help="results file benchmarks/results/<name>.md (default: by size, e.g. latency)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (default: torch's choice, one per core)")
     parser.add_argument("--note", action="append", default=[], help="extra line for the results header (repeatable)")
@@ -228,9 +234,8 @@ def main(argv: list[str] | None = None) -> None:
     if steps < 2 or repeats < 1:
         parser.error("--steps must be >= 2 and --repeats >= 1")
     size = "quick" if args.quick else "medium" if args.medium else "small"
-    name = args.name or {"quick": "latency_quick", "medium": "latency_medium", "small": "latency"}[size]
-    model_kwargs = {"quick": QUICK_MODEL, "medium": MEDIUM_MODEL, "small": SMALL_MODEL}[size]
-    input_kwargs = {"quick": QUICK_INPUTS, "medium": MEDIUM_INPUTS, "small": SMALL_INPUTS}[size]
+    default_name, model_kwargs, input_kwargs = SIZES[size]
+    name = args.name or default_name
 
     if args.threads:
         torch.set_num_threads(args.threads)

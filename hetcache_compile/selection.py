@@ -102,6 +102,13 @@ def select_margin(margin: torch.Tensor, grid: tuple[int, int, int], ratio: float
     return torch.cat(chosen) if chosen else margin[:0]
 
 
+def complement(indices: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """The sorted token indices in ``range(num_tokens)`` that are not in ``indices``."""
+    keep = torch.ones(num_tokens, dtype=torch.bool, device=indices.device)
+    keep[indices] = False
+    return keep.nonzero().squeeze(1)
+
+
 def round_up_size(size: int, num_tokens: int, buckets: int) -> int:
     """``size`` rounded up to a multiple of ``ceil(num_tokens / buckets)`` (at most ``num_tokens``)."""
     if buckets == 0 or size == 0:
@@ -135,15 +142,6 @@ def select_tokens(classes: TokenClasses, scores: torch.Tensor, hidden: torch.Ten
         best = torch.argsort(scores.cpu()[rest], descending=True, stable=True)[:missing]
         chosen = torch.cat([chosen, rest[best]])
     return torch.sort(chosen).values
-
-
-
-
-def complement(indices: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """The sorted token indices in ``range(num_tokens)`` that are not in ``indices``."""
-    keep = torch.ones(num_tokens, dtype=torch.bool, device=indices.device)
-    keep[indices] = False
-    return keep.nonzero().squeeze(1)
 
 
 __all__ = ["budget_size", "complement", "kmeans", "proportional_quotas", "relevance", "round_up_size",

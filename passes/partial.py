@@ -111,9 +111,7 @@ def build_partial_variant(gm: fx.GraphModule, region: TokenRegion, token_inputs:
 
 
 def _refuse_masked_attention(site: fx.Node) -> None:
-    mask = attention_operand(site, 3, "attn_mask")
-    causal = site.args[5] if len(site.args) > 5 else site.kwargs.get("is_causal", False)
-    if mask is not None or causal:
+    if attention_operand(site, 3, "attn_mask") is not None or attention_operand(site, 5, "is_causal"):
         raise RewriteRefused(f"self-attention '{site.name}' has an attention mask or is causal: the order of its "
                              "keys matters, so cached keys cannot be reused for a subset of tokens")
 

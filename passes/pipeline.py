@@ -225,8 +225,8 @@ def _build_checked_partial(gm: fx.GraphModule, analysis: GraphAnalysis, example_
     }
     for j, name in enumerate(sites):
         site = by_name[name]
-        extra[f"hetcache_k{j}"] = _context_cache_example(attention_operand(site, 1, "key"), tokens - selected)
-        extra[f"hetcache_v{j}"] = _context_cache_example(attention_operand(site, 2, "value"), tokens - selected)
+        extra[f"hetcache_k{j}"] = _empty_like_meta(attention_operand(site, 1, "key"), tokens - selected)
+        extra[f"hetcache_v{j}"] = _empty_like_meta(attention_operand(site, 2, "value"), tokens - selected)
         extra[f"hetcache_a{j}"] = _empty_like_meta(site)
     if prune == "attention":
         partial = build_attention_partial_variant(gm, analysis.region, sites)
@@ -242,15 +242,10 @@ def _build_checked_partial(gm: fx.GraphModule, analysis: GraphAnalysis, example_
     return partial
 
 
-def _empty_like_meta(node: fx.Node) -> torch.Tensor:
+def _empty_like_meta(node: fx.Node, token_rows: int | None = None) -> torch.Tensor:
+    """An empty tensor like ``node``'s value; with ``token_rows``, that many rows on the token axis (dim -2)."""
     value = node.meta["example_value"]
-    return torch.empty(tuple(value.shape), dtype=value.dtype, device=value.device)
-
-
-def _context_cache_example(node: fx.Node, context_tokens: int) -> torch.Tensor:
-    """A key/value cache like ``node``'s value with ``context_tokens`` rows on the token axis (dim -2)."""
-    value = node.meta["example_value"]
-    shape = (*value.shape[:-2], context_tokens, value.shape[-1])
+    shape = tuple(value.shape) if token_rows is None else (*value.shape[:-2], token_rows, value.shape[-1])
     return torch.empty(shape, dtype=value.dtype, device=value.device)
 
 
