@@ -1,7 +1,8 @@
-"""End-to-end latency of a small WanVACE masked edit on CPU: eager, torch.compile, hetcache.
+"""End-to-end latency of a WanVACE masked edit: eager, torch.compile, hetcache; on CPU or a GPU.
 
 Runs the whole ``WanVACEPipeline`` call (VAE encode, the CFG denoising loop, VAE decode) with
-random-weight components from ``tests/models.py`` for each configuration:
+random-weight components (``tests/models.py``; ``--size wan-1.3b`` builds the transformer from
+Wan2.1-VACE-1.3B's published config, for a GPU) for each configuration:
 
 * ``eager``: the transformer uncompiled;
 * ``torch.compile``: plain ``torch.compile(backend=<inner backend>)`` (Inductor by default), the baseline;
@@ -21,6 +22,12 @@ measured against the eager output video.
     python benchmarks/latency.py             # writes benchmarks/results/latency.md
     python benchmarks/latency.py --quick     # smoke run, writes benchmarks/results/latency_quick.md
     python benchmarks/latency.py --medium    # dim 256, 768 tokens, writes benchmarks/results/latency_medium.md
+    python benchmarks/latency.py --size wan-1.3b --device cuda --dtype bfloat16   # writes latency_gpu.md
+
+On a GPU every timer synchronizes the device first, and the table adds the peak GPU memory of
+each configuration. ``--configs`` picks configurations and ``--deadline`` skips the ones that
+would start after it; the table is rewritten after each configuration, so a run stopped early
+still leaves its rows (the FLOPs columns are filled at the end).
 """
 
 from __future__ import annotations
@@ -28,11 +35,13 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import inspect
 import logging
 import os
 import statistics
 import time
 import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -51,21 +60,29 @@ import hetcache_compile as hc
 
 log = logging.getLogger("benchmarks.latency")
 
-# "Small WanVACE": big enough that the transformer blocks dominate a pipeline call on CPU.
-SMALL_MODEL = dict(num_layers=8, vace_layers=(0, 2, 4, 6), heads=4, head_dim=32, text_dim=64, ffn_dim=256)
-SMALL_INPUTS = dict(frames=9, height=128, width=128, text_dim=64)  # 3 x 8 x 8 = 192 tokens
-# --medium: dim 256 and 768 tokens, where matmuls and attention rather than per-op overhead dominate a call.
-MEDIUM_MODEL = dict(num_layers=8, vace_layers=(0, 2, 4, 6), heads=8, head_dim=32, text_dim=64, ffn_dim=512)
-MEDIUM_INPUTS = dict(frames=9, height=256, width=256, text_dim=64)  # 3 x 16 x 16 = 768 tokens
-# --quick: the test suite's tiny defaults.
-QUICK_MODEL = dict(num_layers=4, vace_layers=(0, 2), heads=2, head_dim=12, text_dim=32, ffn_dim=32)
-QUICK_INPUTS = dict(frames=5, height=32, width=32, text_dim=32)
-# size -> (results file name, model kwargs, input kwargs)
+@dataclass(frozen=True)
+class Size:
+    """A model and input size: ``model`` holds ``tiny_vace_transformer`` kwargs, or None for Wan2.1-VACE-1.3B."""
+
+    results: str   # benchmarks/results/<results>.md
+    model: dict | None
+    inputs: dict   # edit_inputs kwargs
+
+
 SIZES = {
-    "small": ("latency", SMALL_MODEL, SMALL_INPUTS),
-    "medium": ("latency_medium", MEDIUM_MODEL, MEDIUM_INPUTS),
-    "quick": ("latency_quick", QUICK_MODEL, QUICK_INPUTS),
+    # "Small WanVACE": big enough that the transformer blocks dominate a pipeline call on CPU.
+    "small": Size("latency", dict(num_layers=8, vace_layers=(0, 2, 4, 6), heads=4, head_dim=32, text_dim=64,
+                                  ffn_dim=256), dict(frames=9, height=128, width=128, text_dim=64)),  # 192 tokens
+    # dim 256 and 768 tokens, where matmuls and attention rather than per-op overhead dominate a call.
+    "medium": Size("latency_medium", dict(num_layers=8, vace_layers=(0, 2, 4, 6), heads=8, head_dim=32, text_dim=64,
+                                          ffn_dim=512), dict(frames=9, height=256, width=256, text_dim=64)),
+    # the test suite's tiny defaults: a smoke run.
+    "quick": Size("latency_quick", dict(num_layers=4, vace_layers=(0, 2), heads=2, head_dim=12, text_dim=32,
+                                        ffn_dim=32), dict(frames=5, height=32, width=32, text_dim=32)),
+    # the real 1.3B transformer (random weights) on 33 frames at 480 x 832: 9 x 30 x 52 = 14,040 tokens.
+    "wan-1.3b": Size("latency_gpu", None, dict(frames=33, height=480, width=832, text_len=512, text_dim=4096)),
 }
+CONFIG_KEYS = ("eager", "compile", "adaptive", "no-partial", "fixed", "full")
 
 LETTER = {"full": "F", "partial": "P", "reuse": "R"}
 
@@ -79,6 +96,7 @@ def half_reuse_schedule(steps: int) -> str:
 
 @dataclass
 class Config:
+    key: str             # one of CONFIG_KEYS, for --configs
     name: str
     backend: str | None  # None: eager
     options: dict | None = None
@@ -103,6 +121,7 @@ class Result:
     graphs: int | None = None
     fallback: str | None = None
     consistent: bool = True                      # same step kinds in every timed run
+    peak_memory: float | None = None             # GPU only: peak bytes allocated above what was there before
 
     @property
     def median(self) -> float:
@@ -113,44 +132,80 @@ class Result:
         return statistics.median(self.transformer_seconds) if self.transformer_seconds else float("nan")
 
 
+def synchronized_clock(device: torch.device) -> float:
+    """``time.perf_counter()`` once the device's queued work is done (GPU work runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 class TransformerTimer:
     """Sums the wall time of the transformer's calls with forward hooks (pre: start, post: stop)."""
 
-    def __init__(self, module: torch.nn.Module):
+    def __init__(self, module: torch.nn.Module, device: torch.device):
         self.total = 0.0
         self._start = 0.0
+        self._device = device
         module.register_forward_pre_hook(self._before)
         module.register_forward_hook(self._after)
 
     def _before(self, module, args):
-        self._start = time.perf_counter()
+        self._start = synchronized_clock(self._device)
 
     def _after(self, module, args, output):
-        self.total += time.perf_counter() - self._start
+        self.total += synchronized_clock(self._device) - self._start
 
 
 def run_pipeline(pipe, inputs: dict, steps: int) -> torch.Tensor:
     result = pipe(**inputs, num_inference_steps=steps, guidance_scale=5.0, output_type="pt",
                   generator=torch.Generator().manual_seed(0))
-    return result.frames.float()
+    return result.frames.float().cpu()
+
+
+def build_transformer(size: Size, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    if size.model is not None:
+        model = tiny_vace_transformer(**size.model)
+    else:
+        from diffusers import WanVACETransformer3DModel
+        from flops import WAN_VACE_1_3B
+
+        torch.manual_seed(0)
+        with torch.device(device):  # initialise on the device: 1.3B parameters initialise slowly on a CPU
+            model = WanVACETransformer3DModel(**WAN_VACE_1_3B).eval()
+    model.to(device=device, dtype=dtype)
+    keep = getattr(model, "_keep_in_fp32_modules", None) or []
+    for name, parameter in model.named_parameters():  # as from_pretrained(torch_dtype=...) keeps them
+        if any(part in keep for part in name.split(".")):
+            parameter.data = parameter.data.float()
+    return model
+
+
+def device_inputs(inputs: dict, device: torch.device) -> dict:
+    """The pipeline inputs with tensors (the text embeddings) on ``device``: pipelines leave them where they are."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
 
 def benchmark(config: Config, base: torch.nn.Module, inputs: dict, steps: int, repeats: int) -> Result:
+    device = next(base.parameters()).device
     torch._dynamo.reset()
     gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        memory_before = torch.cuda.memory_allocated(device)
     module = copy.deepcopy(base)
     if config.backend is None:
         model = module
     else:
         model = torch.compile(module, backend=config.backend, options=config.options)
-    pipe = tiny_vace_pipeline(model)
+    pipe = tiny_vace_pipeline(model).to(device)
     pipe.set_progress_bar_config(disable=True)
-    timer = TransformerTimer(model)
+    timer = TransformerTimer(model, device)
 
     log.info("[%s] compile + warm-up run ...", config.name)
-    start = time.perf_counter()
+    start = synchronized_clock(device)
     output = run_pipeline(pipe, inputs, steps)
-    warmup = time.perf_counter() - start
+    warmup = synchronized_clock(device) - start
     log.info("[%s] warm-up run took %.1f s", config.name, warmup)
 
     seconds: list[float] = []
@@ -161,9 +216,9 @@ def benchmark(config: Config, base: torch.nn.Module, inputs: dict, steps: int, r
             hc.reset(model)
             before = dict(hc.stats(model).steps)
         timer.total = 0.0
-        start = time.perf_counter()
+        start = synchronized_clock(device)
         output = run_pipeline(pipe, inputs, steps)
-        seconds.append(time.perf_counter() - start)
+        seconds.append(synchronized_clock(device) - start)
         transformer_seconds.append(timer.total)
         if config.is_hetcache:
             after = hc.stats(model).steps
@@ -172,6 +227,8 @@ def benchmark(config: Config, base: torch.nn.Module, inputs: dict, steps: int, r
 
     result = Result(config, warmup, seconds, output)
     result.transformer_seconds = transformer_seconds
+    if device.type == "cuda":
+        result.peak_memory = torch.cuda.max_memory_allocated(device) - memory_before
     if config.is_hetcache:
         stats = hc.stats(model)
         result.token_fraction = stats.token_fraction
@@ -186,7 +243,7 @@ def benchmark(config: Config, base: torch.nn.Module, inputs: dict, steps: int, r
 
 
 def run_flops(base: torch.nn.Module, input_kwargs: dict, results: list[Result], steps: int) -> dict[str, float]:
-    """FLOPs of one run of each config (by name), counted on the meta device for this model and input size."""
+    """FLOPs reduction of each config (by name) against full compute, counted on the meta device for this size."""
     from flops import variant_flops
 
     config = {k: v for k, v in base.config.items() if not k.startswith("_")}
@@ -194,100 +251,72 @@ def run_flops(base: torch.nn.Module, input_kwargs: dict, results: list[Result], 
     patch = config["patch_size"]
     tokens = ((frames - 1) // 4 + 1) // patch[0] * (height // 8 // patch[1]) * (width // 8 // patch[2])
     sizes = {r.config.name: round(r.token_fraction * tokens) for r in results if r.token_fraction}
-    text_len = inputs_text_len(input_kwargs)
+    text_len = input_kwargs.get("text_len", inspect.signature(edit_inputs).parameters["text_len"].default)
     counted = variant_flops(config, frames, height, width, list(sizes.values()) or [tokens], text_len=text_len)
-    totals = {}
+    full_run = 2 * steps * counted.full
+    reductions = {}
     for r in results:
         if r.error is not None:
             continue
         kinds = r.steps or {"full": 2 * steps, "partial": 0, "reuse": 0}
         partial = counted.partial.get(sizes.get(r.config.name, tokens), counted.full)
         probe = counted.probe if r.config.is_hetcache else 0
-        totals[r.config.name] = (kinds["full"] * counted.full + kinds["partial"] * partial
-                                 + kinds["reuse"] * counted.reuse + sum(kinds.values()) * probe)
-    return totals
+        run = (kinds["full"] * counted.full + kinds["partial"] * partial
+               + kinds["reuse"] * counted.reuse + sum(kinds.values()) * probe)
+        reductions[r.config.name] = full_run / run
+    return reductions
 
 
-def inputs_text_len(input_kwargs: dict) -> int:
-    return edit_inputs(**input_kwargs)["prompt_embeds"].shape[1]
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps per run (default 20; 4 with --quick)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per config (default 3; 1 with --quick)")
-    parser.add_argument("--inner-backend", default="inductor", choices=("inductor", "aot_eager", "eager"),
-                        help="hetcache's inner compiler, also the backend of the plain torch.compile baseline")
-    parser.add_argument("--quick", action="store_true", help="tiny model, few steps: a smoke run")
-    parser.add_argument("--medium", action="store_true",
-                        help="dim 256, 768 tokens (writes latency_medium.md): compute rather than per-op overhead")
-    parser.add_argument("--name", default=None,
-                        help="results file benchmarks/results/<name>.md (default: by size, e.g. latency)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch.set_num_threads (default: torch's choice, one per core)")
-    parser.add_argument("--note", action="append", default=[], help="extra line for the results header (repeatable)")
-    parser.add_argument("--verbose", action="store_true", help="also show hetcache_compile's INFO logs")
-    args = parser.parse_args(argv)
-
-    steps = args.steps or (4 if args.quick else 20)
-    repeats = args.repeats or (1 if args.quick else 3)
-    if steps < 2 or repeats < 1:
-        parser.error("--steps must be >= 2 and --repeats >= 1")
-    size = "quick" if args.quick else "medium" if args.medium else "small"
-    default_name, model_kwargs, input_kwargs = SIZES[size]
-    name = args.name or default_name
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("hetcache_compile").setLevel(logging.INFO if args.verbose else logging.WARNING)
-
-    inner = args.inner_backend
+def make_configs(inner: str, steps: int, keys: Sequence[str]) -> list[Config]:
     fixed = half_reuse_schedule(steps)
     configs = [
-        Config("eager", None),
-        Config(f"torch.compile ({inner})", inner),
-        Config("hetcache adaptive", "hetcache", {"inner_backend": inner}),
-        Config("hetcache adaptive, partial=False", "hetcache", {"partial": False, "inner_backend": inner}),
-        Config(f"hetcache fixed {fixed}", "hetcache", {"schedule": fixed, "inner_backend": inner}),
-        Config("hetcache full", "hetcache", {"schedule": "full", "inner_backend": inner}),
+        Config("eager", "eager", None),
+        Config("compile", f"torch.compile ({inner})", inner),
+        Config("adaptive", "hetcache adaptive", "hetcache", {"inner_backend": inner}),
+        Config("no-partial", "hetcache adaptive, partial=False", "hetcache",
+               {"partial": False, "inner_backend": inner}),
+        Config("fixed", f"hetcache fixed {fixed}", "hetcache", {"schedule": fixed, "inner_backend": inner}),
+        Config("full", "hetcache full", "hetcache", {"schedule": "full", "inner_backend": inner}),
     ]
+    return [c for c in configs if c.key in keys]
 
-    machine = machine_description()
-    source = source_description()  # before the run: the other files may change while it runs
-    load_before = os.getloadavg()
-    if load_before[0] > 0.5 and torch.get_num_threads() > 1:
-        log.warning("load average %.2f: other processes are running; eager PyTorch with one thread per core "
-                    "can slow down 100x when a core is taken, consider --threads 1", load_before[0])
-    log.info("machine: %s", machine)
-    log.info("model %s, inputs %s, %d steps, %d timed runs per config", model_kwargs, input_kwargs, steps, repeats)
-    base = tiny_vace_transformer(**model_kwargs)
-    inputs = edit_inputs(**input_kwargs)
 
+def run_configs(configs: list[Config], base: torch.nn.Module, inputs: dict, steps: int, repeats: int,
+                deadline: float | None, on_result: Callable[[list[Result]], None]) -> list[Result]:
+    """Benchmark each config in turn; a failure or a passed deadline becomes that config's error row."""
     results: list[Result] = []
-    total_start = time.perf_counter()
+    start = time.perf_counter()
     for config in configs:
+        elapsed = time.perf_counter() - start
+        if deadline is not None and elapsed > deadline:
+            log.warning("[%s] skipped: %.0f s elapsed, past --deadline %.0f s", config.name, elapsed, deadline)
+            results.append(Result(config, error=f"skipped: not started by --deadline {deadline:.0f} s"))
+            continue
         try:
             results.append(benchmark(config, base, inputs, steps, repeats))
         except Exception as error:  # keep measuring the other configs; the table shows the error
             log.error("[%s] failed:\n%s", config.name, traceback.format_exc())
             first_line = (str(error).splitlines() or [""])[0][:200]
             results.append(Result(config, error=f"{type(error).__name__}: {first_line}"))
-    total = time.perf_counter() - total_start
-    load_after = os.getloadavg()
+        on_result(results)
+    return results
 
-    flops = run_flops(base, input_kwargs, results, steps)
-    reference = results[0].output
-    baseline = results[1].median
-    transformer_baseline = results[1].transformer_median
+
+COLUMNS = ["config", "median s/run", "min s/run", "speedup vs torch.compile", "transformer s/run",
+           "transformer speedup", "FLOPs reduction", "speedup / FLOPs reduction", "steps full/partial/reuse",
+           "max abs diff vs eager", "mean abs diff vs eager", "warm-up run s (compile)"]
+
+
+def table_rows(results: list[Result], flops: dict[str, float], steps: int, gpu: bool) -> list[list[str]]:
+    """One row per config; ratios are against the torch.compile row (else the first row) of the same run."""
     na = "n/a"
-    columns = ["config", "median s/run", "min s/run", "speedup vs torch.compile", "transformer s/run",
-               "transformer speedup", "FLOPs reduction", "speedup / FLOPs reduction", "steps full/partial/reuse",
-               "max abs diff vs eager", "mean abs diff vs eager", "warm-up run s (compile)"]
+    reference = next((r.output for r in results if r.config.key == "eager" and r.error is None), None)
+    baseline = next((r for r in results if r.config.key == "compile" and r.error is None),
+                    next((r for r in results if r.error is None), None))
     rows = []
     for r in results:
         if r.error is not None:
-            rows.append([r.config.name, f"ERROR: {r.error}"] + [na] * (len(columns) - 2))
+            rows.append([r.config.name, f"ERROR: {r.error}"] + [na] * (len(COLUMNS) - 2 + gpu))
             continue
         if reference is not None:
             diff = (r.output - reference).abs()
@@ -303,39 +332,36 @@ def main(argv: list[str] | None = None) -> None:
                 steps_cell += " (varied)"
         else:
             steps_cell = f"{2 * steps}/0/0"
-        speedup = f"{baseline / r.median:.2f}x" if baseline == baseline else na  # NaN: baseline failed
-        model_speedup = transformer_baseline / r.transformer_median
-        reduction = flops[results[1].config.name] / flops[r.config.name] if r.config.name in flops else None
-        rows.append([r.config.name, f"{r.median:.3f}", f"{min(r.seconds):.3f}", speedup,
-                     f"{r.transformer_median:.3f}", f"{model_speedup:.2f}x",
-                     f"{reduction:.2f}x" if reduction else na,
-                     f"{100 * model_speedup / reduction:.0f}%" if reduction else na,
-                     steps_cell, max_diff, mean_diff, warmup])
+        model_speedup = baseline.transformer_median / r.transformer_median
+        reduction = flops.get(r.config.name)
+        if reduction and baseline.config.name in flops:
+            reduction /= flops[baseline.config.name]
+        row = [r.config.name, f"{r.median:.3f}", f"{min(r.seconds):.3f}", f"{baseline.median / r.median:.2f}x",
+               f"{r.transformer_median:.3f}", f"{model_speedup:.2f}x",
+               f"{reduction:.2f}x" if reduction else na,
+               f"{100 * model_speedup / reduction:.0f}%" if reduction else na,
+               steps_cell, max_diff, mean_diff, warmup]
+        if gpu:
+            row.append(f"{r.peak_memory / 2**30:.1f}")
+        rows.append(row)
+    return rows
 
-    header = [
-        f"machine: {machine}",
-        f"date: {utc_now()}",
-        f"command: `{command_line()}`",
-        source,
-        f"model: `tiny_vace_transformer({', '.join(f'{k}={v}' for k, v in model_kwargs.items())})`, "
-        f"random weights, float32",
-        f"inputs: `edit_inputs({', '.join(f'{k}={v}' for k, v in input_kwargs.items())})`, "
-        f"{steps} steps, guidance_scale=5.0 (CFG: 2 transformer calls per step)",
-        f"timing: whole `WanVACEPipeline.__call__` (VAE encode/decode included), median of {repeats} "
-        f"run(s) after one untimed compile + warm-up run; inner backend `{inner}`",
-        f"load average (1 min) before/after: {load_before[0]:.2f} / {load_after[0]:.2f}; total wall time {total:.0f} s",
-        *args.note,
-    ]
+
+def table_notes(results: list[Result], inner: str, gpu: bool) -> list[str]:
     notes = ["Steps are transformer calls of one timed run, summed over the cond and uncond branches.",
              "Speedup is the torch.compile median divided by the config's median, both measured in this run.",
              "Transformer s/run sums the transformer calls of a run (the denoising loop's model time, no VAE).",
              "FLOPs reduction: FLOPs of the torch.compile run over the config's, counted on the meta device for "
              "this model and input size from the step kinds and |S| the config used; the last ratio is the transformer "
              "speedup over the FLOPs reduction (100%: every FLOP saved shows in wall-clock time).",
-             "The CPU is shared: a min far below the median means other processes interfered.",
-             "Output diffs compare the decoded video in [0, 1] with the eager run.", ""]
-    notes.append("Step kinds per branch (last timed run):")
-    notes.append("")
+             "Output diffs compare the decoded video in [0, 1] with the eager run."]
+    if gpu:
+        notes.append("Peak GPU memory: the most allocated during the config (its copy of the transformer, activations, "
+                     "hetcache's caches) above what was allocated before it (the base model); timers synchronize "
+                     "the GPU.")
+    else:
+        notes.append("The CPU is shared: a min far below the median means other processes interfered.")
+    notes += ["", "Step kinds per branch (last timed run):", ""]
     for r in results:
         for branch, history in r.histories.items():
             notes.append(f"- {r.config.name}, {branch}: `{history}`")
@@ -345,7 +371,95 @@ def main(argv: list[str] | None = None) -> None:
             notes.append(f"- {r.config.name}: FELL BACK to plain {inner}: {r.fallback}")
         if r.error:
             notes.append(f"- {r.config.name}: failed with {r.error} (traceback in the log)")
-    write_table(name, "Latency: small WanVACE masked edit on CPU", columns, rows, header, notes)
+    return notes
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps per run (default 20; 4 with --quick)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per config (default 3; 1 with --quick)")
+    parser.add_argument("--inner-backend", default="inductor", choices=("inductor", "aot_eager", "eager"),
+                        help="hetcache's inner compiler, also the backend of the plain torch.compile baseline")
+    parser.add_argument("--size", choices=tuple(SIZES), default=None, help="model and input size (default small)")
+    parser.add_argument("--quick", action="store_true", help="same as --size quick: a smoke run")
+    parser.add_argument("--medium", action="store_true", help="same as --size medium: dim 256, 768 tokens")
+    parser.add_argument("--device", default="cpu", help="torch device of the transformer and VAE (e.g. cuda)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                        help="the transformer's dtype (the VAE stays float32, as in diffusers' Wan examples)")
+    parser.add_argument("--configs", default=",".join(CONFIG_KEYS),
+                        help=f"comma-separated subset of {', '.join(CONFIG_KEYS)} (default: all, in that order)")
+    parser.add_argument("--deadline", type=float, default=None,
+                        help="seconds after which no further config starts (those left become 'skipped' rows)")
+    parser.add_argument("--name", default=None,
+                        help="results file benchmarks/results/<name>.md (default: by size, e.g. latency)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (default: torch's choice, one per core)")
+    parser.add_argument("--note", action="append", default=[], help="extra line for the results header (repeatable)")
+    parser.add_argument("--verbose", action="store_true", help="also show hetcache_compile's INFO logs")
+    args = parser.parse_args(argv)
+    args.size = args.size or ("quick" if args.quick else "medium" if args.medium else "small")
+    args.steps = args.steps or (4 if args.size == "quick" else 20)
+    args.repeats = args.repeats or (1 if args.size == "quick" else 3)
+    args.configs = [key.strip() for key in args.configs.split(",") if key.strip()]
+    unknown = sorted(set(args.configs) - set(CONFIG_KEYS))
+    if unknown:
+        parser.error(f"unknown --configs {unknown}; choose from {', '.join(CONFIG_KEYS)}")
+    if args.steps < 2 or args.repeats < 1:
+        parser.error("--steps must be >= 2 and --repeats >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    size = SIZES[args.size]
+    name = args.name or size.results
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    gpu = device.type == "cuda"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("hetcache_compile").setLevel(logging.INFO if args.verbose else logging.WARNING)
+
+    machine = machine_description()
+    source = source_description()  # before the run: the other files may change while it runs
+    load_before = os.getloadavg()
+    if not gpu and load_before[0] > 0.5 and torch.get_num_threads() > 1:
+        log.warning("load average %.2f: other processes are running; eager PyTorch with one thread per core "
+                    "can slow down 100x when a core is taken, consider --threads 1", load_before[0])
+    log.info("machine: %s", machine)
+    log.info("size %s (%s), inputs %s, %d steps, %d timed runs per config", args.size,
+             size.model or "Wan2.1-VACE-1.3B config", size.inputs, args.steps, args.repeats)
+    base = build_transformer(size, device, dtype)
+    inputs = device_inputs(edit_inputs(**size.inputs), device)
+    configs = make_configs(args.inner_backend, args.steps, args.configs)
+    model_line = (f"`tiny_vace_transformer({', '.join(f'{k}={v}' for k, v in size.model.items())})`"
+                  if size.model is not None else "`WanVACETransformer3DModel(**flops.WAN_VACE_1_3B)` (the 1.3B config)")
+
+    def write(results: list[Result], flops: dict[str, float], total: float) -> None:
+        header = [
+            f"machine: {machine}",
+            f"date: {utc_now()}",
+            f"command: `{command_line()}`",
+            source,
+            f"model: {model_line}, random weights, {args.dtype}, on {device.type}",
+            f"inputs: `edit_inputs({', '.join(f'{k}={v}' for k, v in size.inputs.items())})`, "
+            f"{args.steps} steps, guidance_scale=5.0 (CFG: 2 transformer calls per step)",
+            f"timing: whole `WanVACEPipeline.__call__` (VAE encode/decode included), median of {args.repeats} "
+            f"run(s) after one untimed compile + warm-up run; inner backend `{args.inner_backend}`",
+            f"load average (1 min) before/now: {load_before[0]:.2f} / {os.getloadavg()[0]:.2f}; "
+            f"wall time so far {total:.0f} s",
+            *args.note,
+        ]
+        columns = COLUMNS + (["peak GPU memory GiB"] if gpu else [])
+        rows = table_rows(results, flops, args.steps, gpu)
+        title = f"Latency: WanVACE masked edit, size {args.size}, on {'GPU' if gpu else 'CPU'}"
+        write_table(name, title, columns, rows, header, table_notes(results, args.inner_backend, gpu))
+
+    total_start = time.perf_counter()
+    results = run_configs(configs, base, inputs, args.steps, args.repeats, args.deadline,
+                          lambda partial: write(partial, {}, time.perf_counter() - total_start))
+    log.info("counting FLOPs on the meta device ...")
+    write(results, run_flops(base, size.inputs, results, args.steps), time.perf_counter() - total_start)
 
 
 if __name__ == "__main__":

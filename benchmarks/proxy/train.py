@@ -14,6 +14,7 @@ bit (a different thread count may change float reduction order, and so the last 
 
     python benchmarks/proxy/train.py --threads 1          # the committed weights (README.md), 26-30 min
     python benchmarks/proxy/train.py --steps 20 --out /tmp/proxy-a   # a quick check
+    python benchmarks/proxy/train.py --device cuda --out /tmp/proxy-g  # screening on a GPU (not bit-exact)
 
 Writes ``config.json`` and ``proxy.safetensors`` (``save_pretrained``, renamed), ``SHA256SUMS``
 and ``train_log.json`` into ``--out``; with the default ``--out`` it also records the command,
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import shlex
 import sys
 import tempfile
@@ -68,9 +70,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pool", type=int, default=8192, help="training clips, seeds 0 .. pool-1")
     p.add_argument("--seed", type=int, default=0, help="seeds the initialisation, the batches, t and the noise")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (part of what reproduces the bits)")
+    p.add_argument("--device", default="cpu",
+                   help="where the model trains; the data are drawn on the CPU either way. Off the CPU, "
+                        "deterministic algorithms only warn, so a GPU run is for screening, not the committed bits")
     p.add_argument("--time-limit", type=float, default=45.0,
                    help="minutes; a guard against an overloaded machine: training past it stops with an "
                         "error and saves nothing (the defaults take 26-30 min at 1 thread)")
+    p.add_argument("--workers", type=int, default=1, help="processes that draw the clip pool (same clips)")
     p.add_argument("--out", type=Path, default=WEIGHTS_DIR)
     return p.parse_args(argv)
 
@@ -80,6 +86,19 @@ def lr_at(step: int, args: argparse.Namespace) -> float:
         return args.lr * (step + 1) / args.warmup
     progress = (step - args.warmup) / max(args.steps - args.warmup, 1)
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def make_pool(count: int, workers: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clips of training seeds ``0 .. count-1`` (``x0``, ``mask``); each clip depends on its seed alone,
+    so ``workers`` processes give the same tensors as one."""
+    seeds = train_seeds(0, count)
+    if workers <= 1:
+        x0, mask, _ = make_batch(tqdm(seeds, desc="clips", leave=False))
+        return x0, mask
+    chunks = [seeds[i:i + 1024] for i in range(0, count, 1024)]
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        parts = pool.map(make_batch, chunks)
+    return torch.cat([x for x, _, _ in parts]), torch.cat([m for _, m, _ in parts])
 
 
 def augment(x0: torch.Tensor, mask: torch.Tensor, flips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,16 +151,17 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     command = shlex.join(["python", "benchmarks/proxy/train.py", *(sys.argv[1:] if argv is None else argv)])
     torch.set_num_threads(args.threads)
-    torch.use_deterministic_algorithms(True)
+    device = torch.device(args.device)
+    torch.use_deterministic_algorithms(True, warn_only=device.type != "cpu")
     start = time.perf_counter()
 
-    model = build_model(args.seed).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
-    text = prompt_embeds(args.batch)
-    rng = torch.Generator().manual_seed(args.seed + 1)  # batches, flips, t, noise
-
-    x_pool, m_pool, _ = make_batch(tqdm(train_seeds(0, args.pool), desc="clips", leave=False))
+    x_pool, m_pool = make_pool(args.pool, args.workers)  # before any GPU work: workers are forked
     gen_s = time.perf_counter() - start
+
+    model = build_model(args.seed).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
+    text = prompt_embeds(args.batch).to(device)
+    rng = torch.Generator().manual_seed(args.seed + 1)  # batches, flips, t, noise
 
     losses: list[float] = []
     order = torch.empty(0, dtype=torch.long)
@@ -156,6 +176,7 @@ def main(argv=None) -> None:
         noise = torch.randn(x0.shape, generator=rng)
         tb = t.view(-1, 1, 1, 1, 1)
         x_t = (1 - tb) * x0 + tb * noise
+        x0, mask, t, noise, x_t = (tensor.to(device) for tensor in (x0, mask, t, noise, x_t))
 
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
@@ -175,7 +196,7 @@ def main(argv=None) -> None:
             sys.exit(f"error: past --time-limit {args.time_limit} min at step {step + 1}/{args.steps}; nothing saved")
 
     wall_s = time.perf_counter() - start
-    model.eval()
+    model.to("cpu").eval()
     sums = save(model, args.out)
     log = {
         "command": command, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
