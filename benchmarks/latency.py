@@ -369,7 +369,9 @@ def table_notes(results: list[Result], inner: str, gpu: bool) -> list[str]:
             notes.append(f"- {r.config.name}: {r.graphs} compiled graphs")
         if r.fallback:
             notes.append(f"- {r.config.name}: FELL BACK to plain {inner}: {r.fallback}")
-        if r.error:
+        if r.error and r.error.startswith("skipped"):
+            notes.append(f"- {r.config.name}: {r.error}")
+        elif r.error:
             notes.append(f"- {r.config.name}: failed with {r.error} (traceback in the log)")
     return notes
 
