@@ -173,6 +173,7 @@ class HetCacheRuntime:
             outputs = self.full(*args)
             state.store(outputs[n], None, [])
             return outputs[:n]
+        state.site_caches = []  # free the last caches before the new ones are allocated: one set at a time
         outputs = self.record(*args)
         residual, exit, *caches, query, key = outputs[n:]
         state.store(residual, exit, caches)
@@ -186,7 +187,9 @@ class HetCacheRuntime:
                 state.selection = self._select(state.classes, query, key, state.exit)
                 if self.config.prune == "block":  # the partial variant reads the context rows only
                     context = complement(state.selection, state.classes.num_tokens)
-                    state.site_caches = [cache.index_select(cache.dim() - 2, context) for cache in state.site_caches]
+                    caches = state.site_caches
+                    for i, cache in enumerate(caches):  # in place, so one N-row cache at a time is copied
+                        caches[i] = cache.index_select(cache.dim() - 2, context)
             state.pending_selection = None
         attention_prune = self.config.prune == "attention"
         caches = state.site_caches if attention_prune else [state.exit, *state.site_caches]
