@@ -37,7 +37,7 @@ class Method:
     options: str
     build: Callable[[], Runner]
     note: str = ""
-    steps: int = STEPS
+    steps: int | None = None  # None: the run's step count (``STEPS``); step skipping sets fewer
     hetcache: bool = False  # FLOPs priced from hc.stats (FlopCounterMode cannot see inside compiled code)
     options_dict: dict = field(default_factory=dict)
 
@@ -240,10 +240,13 @@ def _describe(options: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in options.items())
 
 
-def default_methods(inner: str, ratios: list[float]) -> list[Method]:
-    """Every method and setting of the default run (full compute first)."""
-    methods = [Method("full compute", "eager, 20 steps", plain_runner)]
-    methods += [Method("step skipping", f"{k} Euler steps", plain_runner, steps=k) for k in (10, 7, 6, 5, 4, 3)]
+def default_methods(inner: str, ratios: list[float], steps: int = STEPS) -> list[Method]:
+    """Every method and setting of a run of ``steps`` Euler steps (full compute first).
+
+    Step skipping keeps the same fractions of the steps at any step count (10 .. 3 of 20)."""
+    methods = [Method("full compute", f"eager, {steps} steps", plain_runner)]
+    skipped = sorted({max(2, round(k * steps / 20)) for k in (10, 7, 6, 5, 4, 3)} - {steps}, reverse=True)
+    methods += [Method("step skipping", f"{k} Euler steps", plain_runner, steps=k) for k in skipped]
     methods += [
         Method("hetcache", _describe(o), hetcache_runner(o, inner), hetcache=True, options_dict=o)
         for o in HETCACHE_SETTINGS

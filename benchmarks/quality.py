@@ -16,6 +16,7 @@ full compute (checked at every run, in the notes). Writes ``benchmarks/results/q
 
     python benchmarks/quality.py --threads 1               # 16 clips, 11-17 min on 1 shared CPU thread
     python benchmarks/quality.py --threads 1 --clips 64    # more clips
+    python benchmarks/quality.py --threads 1 --steps 50 --name quality_50   # Wan's default step count
 """
 
 from __future__ import annotations
@@ -64,14 +65,15 @@ def run_method(method: peers.Method, clips: list, shift: float, latency_clips: i
     result = Result(method)
     try:
         runner = method.build()
+        steps = method.steps or peers.STEPS
         total = 0
         for x0, mask in clips:
             start = time.perf_counter()
             if method.hetcache:
-                result.outputs.append(peers.euler_sample(runner, x0, mask, method.steps, shift))
+                result.outputs.append(peers.euler_sample(runner, x0, mask, steps, shift))
             else:
                 with FlopCount() as count:
-                    result.outputs.append(peers.euler_sample(runner, x0, mask, method.steps, shift))
+                    result.outputs.append(peers.euler_sample(runner, x0, mask, steps, shift))
                 total += count.total
             result.seconds.append(time.perf_counter() - start)
         if method.hetcache:
@@ -82,7 +84,7 @@ def run_method(method: peers.Method, clips: list, shift: float, latency_clips: i
             result.seconds = result.seconds[1:]  # the first clip compiles the variants
         else:
             result.flops = total
-            result.seconds = [_timed(runner, x0, mask, method.steps, shift) for x0, mask in clips[:latency_clips]]
+            result.seconds = [_timed(runner, x0, mask, steps, shift) for x0, mask in clips[:latency_clips]]
     except Exception as error:  # a failing peer is a result
         message = (str(error) or repr(error)).splitlines() or [""]
         result.error = f"{type(error).__name__}: {message[0][:200]}"
@@ -147,15 +149,18 @@ def main() -> None:
         help="hetcache presets timed with the Inductor inner backend (none: skip)",
     )
     parser.add_argument("--only", nargs="*", help="run only methods whose family contains one of these words")
+    parser.add_argument("--steps", type=int, default=peers.STEPS, help="Euler steps of full compute")
+    parser.add_argument("--name", default="quality", help="results files benchmarks/results/<name>.{md,json,png}")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    peers.STEPS = args.steps  # read at call time by the samplers and the cache hooks' step counts
     start = time.time()
     x0s, masks, _ = make_batch(heldout_seeds(args.clips))
     clips = [(x0s[i : i + 1], masks[i : i + 1]) for i in range(args.clips)]
     calib_x0, calib_mask, _ = make_batch(train_seeds(0, 1))
     ratios = peers.magcache_ratios(calib_x0, calib_mask, args.shift)
-    methods = peers.default_methods(args.inner_backend, ratios)
+    methods = peers.default_methods(args.inner_backend, ratios, args.steps)
     if args.only:
         methods = methods[:1] + [m for m in methods[1:] if any(w.lower() in m.family.lower() for w in args.only)]
     results = [run_method(m, clips, args.shift, args.latency_clips) for m in tqdm(methods, desc="methods")]
@@ -188,6 +193,8 @@ def main() -> None:
         )
     run = dict(
         clips=args.clips,
+        steps=args.steps,
+        name=args.name,
         shift=args.shift,
         inner=args.inner_backend,
         seconds=time.time() - start,

@@ -138,7 +138,7 @@ def verdict(rows: list[dict]) -> list[str]:
     return lines
 
 
-def plot(rows: list[dict], path) -> None:
+def plot(rows: list[dict], path, steps: int) -> None:
     """Pareto plot: in-mask PSNR vs full compute (y) against FLOPs reduction (x), one marker per method."""
     import matplotlib
 
@@ -165,7 +165,7 @@ def plot(rows: list[dict], path) -> None:
     ax.axvline(TARGET_REDUCTION, color="grey", linestyle=":", linewidth=1)
     ax.set_xlabel("FLOPs reduction vs full compute (x)")
     ax.set_ylabel(f"in-mask PSNR vs full-compute output (dB; identical outputs drawn at {top:.0f})")
-    ax.set_title("Quality vs FLOPs, trained WanVACE proxy, 20 Euler steps (lines: Pareto fronts)")
+    ax.set_title(f"Quality vs FLOPs, trained WanVACE proxy, {steps} Euler steps (lines: Pareto fronts)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -196,7 +196,7 @@ def write(scored: list, latency: list, run: dict) -> None:
         f"machine: {machine_description()}",
         f"date: {utc_now()}; command: `{command_line()}`; {run['seconds']:.0f} s; {source_description()}",
         f"proxy `benchmarks/proxy/weights` ({run['num_tokens']} tokens a clip), {run['clips']} held-out clips "
-        f"(seeds from 1e9), Euler 20 steps (shift {run['shift']}), no CFG, same noise for every method; "
+        f"(seeds from 1e9), Euler {run['steps']} steps (shift {run['shift']}), no CFG, same noise for every method; "
         f"hetcache quality runs use inner backend `{run['inner']}`, peers run eagerly (uncompiled) as their docs do",
     ]
     notes = [
@@ -238,19 +238,20 @@ def write(scored: list, latency: list, run: dict) -> None:
                 ["method", "options", "s/clip (median)", "first clip incl. compile (s)", "runs timed"], latency
             ),
         ]
+    name = run["name"]
     write_table(
-        "quality",
+        name,
         "Quality vs FLOPs on the trained proxy: hetcache, diffusers / cache-dit caches, step skipping",
         columns,
         [_table_row(r) for r in rows],
         header=header,
         notes=notes,
     )
-    (RESULTS_DIR / "quality.json").write_text(
+    (RESULTS_DIR / f"{name}.json").write_text(
         json.dumps(
             dict(run=run, rows=rows, latency=latency, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())),
             indent=1,
             default=str,
         )
     )
-    plot(rows, RESULTS_DIR / "quality.png")
+    plot(rows, RESULTS_DIR / f"{name}.png", run["steps"])
