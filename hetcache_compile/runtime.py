@@ -22,7 +22,7 @@ from .compiled import CompiledVariant
 from .config import HetCacheConfig
 from .fingerprint import FingerprintCache
 from .passes import GraphAnalysis, Variants
-from .passes.graph_utils import ancestors, output_node, placeholders
+from .passes.graph_utils import output_node, placeholders
 from .priors import (
     USER_MASKS,
     VACE_MASK_CHANNELS,
@@ -95,7 +95,7 @@ class HetCacheRuntime:
         self.parameter_ids = frozenset(id(x) for x in example_inputs if isinstance(x, torch.nn.Parameter))
         self.text_index = [index[n] for n in analysis.text_inputs]
         self.timestep_index = index[analysis.modulation.timestep_input] if analysis.modulation else None
-        self.conditioning_index = _conditioning_indices(gm, analysis, index)
+        self.conditioning_index = _conditioning_indices(analysis, index)
         self.full = CompiledVariant("full", variants.full, config.inner_backend)
         self.record = (CompiledVariant("record", variants.record, config.inner_backend)
                        if variants.record is not None else None)
@@ -291,11 +291,9 @@ def _vace_control_index(names: Sequence[str], example_inputs: Sequence[object], 
     return None
 
 
-def _conditioning_indices(gm: fx.GraphModule, analysis: GraphAnalysis, index: dict[str, int]) -> list[int]:
+def _conditioning_indices(analysis: GraphAnalysis, index: dict[str, int]) -> list[int]:
     """User inputs that stay fixed through a run (e.g. VACE's control video): a change means a new video."""
-    by_name = {n.name: n for n in gm.graph.nodes}
-    stream_sources = {n.name for n in ancestors([by_name[analysis.region.stream_input]]) if n.op == "placeholder"}
-    skip = stream_sources | set(analysis.text_inputs)
+    skip = set(analysis.region.stream_sources) | set(analysis.text_inputs)
     if analysis.modulation is not None:
         skip.add(analysis.modulation.timestep_input)
     return [index[name] for name in analysis.user_inputs if name not in skip]

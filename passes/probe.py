@@ -28,7 +28,6 @@ class ModulationSignal:
 
 def find_modulation(gm: fx.GraphModule, region: TokenRegion, user_inputs: set[str]) -> ModulationSignal | None:
     by_name = {n.name: n for n in gm.graph.nodes}
-    stream_sources = {n.name for n in ancestors([by_name[region.stream_input]]) if n.op == "placeholder"}
     best = None
     for name in region.inputs:
         node = by_name[name]
@@ -36,7 +35,7 @@ def find_modulation(gm: fx.GraphModule, region: TokenRegion, user_inputs: set[st
         if node.op == "placeholder" or shape is None:
             continue
         sources = [n for n in ancestors([node], values_only=True) if n.op == "placeholder" and n.name in user_inputs]
-        if len(sources) != 1 or sources[0].name in stream_sources:
+        if len(sources) != 1 or sources[0].name in region.stream_sources:
             continue
         source_shape = tensor_shape(sources[0])
         if source_shape is None or len(source_shape) > 2:

@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 
 from .errors import RewriteRefused
-from .graph_utils import owning_block, split_block_path, tensor_shape
+from .graph_utils import ancestors, owning_block, split_block_path, tensor_shape
 
 _ADD_TARGETS = (operator.add, torch.add, operator.iadd)
 
@@ -34,6 +34,7 @@ class TokenRegion:
     entry: str  # first node of the region
     exit: str  # the only region value used after the region
     stream_input: str  # main token stream entering the region
+    stream_sources: frozenset[str]  # graph inputs the stream is computed from (the latents, their pre-processing)
     inputs: tuple[str, ...]  # every value defined before the region and used inside it
     exit_shape: tuple[int, ...]
 
@@ -120,6 +121,7 @@ def find_token_region(gm: fx.GraphModule) -> TokenRegion:
         entry=block_nodes[0].name,
         exit=exit_node.name,
         stream_input=stream_candidates[0].name,
+        stream_sources=frozenset(n.name for n in ancestors([stream_candidates[0]]) if n.op == "placeholder"),
         inputs=tuple(a.name for a in inputs),
         exit_shape=exit_shape,
     )
