@@ -62,6 +62,10 @@ class HetCacheConfig:
         inner_backend: compiler for each variant: ``"inductor"``, ``"aot_eager"`` or ``"eager"``.
         max_branches: CFG branches (distinct text conditionings) kept at once; the least
             recently used is dropped beyond it, which bounds cache memory.
+        max_cache_bytes: bound on the bytes of all branches' caches. A full step records the
+            partial steps' caches (their size is known from the graph before the first call) only
+            if they fit beside the other branches'; a branch that cannot record takes full and
+            reuse steps only (logged once). ``None``: no bound.
         context_ratio: share of context tokens a partial step recomputes (0..1).
         margin_ratio: share of margin tokens a partial step recomputes, spatially uniform per
             frame (0..1). ``context_ratio = margin_ratio = 1`` puts every token in S.
@@ -90,6 +94,7 @@ class HetCacheConfig:
     rescale: str | tuple[float, ...] | None = None
     inner_backend: str = "inductor"
     max_branches: int = 4
+    max_cache_bytes: int | None = None
     context_ratio: float = field(default=PRESETS["balanced"]["context_ratio"])
     margin_ratio: float = field(default=PRESETS["balanced"]["margin_ratio"])
     margin_radius: float = 5.0
@@ -112,6 +117,10 @@ class HetCacheConfig:
                      name, value, f"an integer >= {minimum}")
         _require(self.num_steps is None or (isinstance(self.num_steps, int) and self.num_steps >= 1),
                  "num_steps", self.num_steps, "None or an integer >= 1")
+        _require(self.max_cache_bytes is None or (isinstance(self.max_cache_bytes, int)
+                                                   and not isinstance(self.max_cache_bytes, bool)
+                                                   and self.max_cache_bytes >= 0),
+                 "max_cache_bytes", self.max_cache_bytes, "None or an integer >= 0 (bytes)")
         for name in ("context_ratio", "margin_ratio"):
             value = getattr(self, name)
             _require(_is_number(value) and 0.0 <= value <= 1.0, name, value, "a number in [0, 1]")

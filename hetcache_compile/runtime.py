@@ -104,6 +104,8 @@ class HetCacheRuntime:
                         if variants.partial is not None else None)
         self.partial_note = variants.partial_refused
         self.num_caches = len(variants.cached_sites) * variants.caches_per_site
+        self.recorded_bytes = (variants.recorded_bytes(example_inputs, self.num_outputs)
+                               if config.max_cache_bytes is not None else 0)
         self.relevance_site = variants.relevance_site
         self.grid = analysis.token_grid
         self.latent_index = index[self.grid.latent_input] if self.grid is not None else None
@@ -163,15 +165,30 @@ class HetCacheRuntime:
         return kind
 
     def _records(self, state: BranchState) -> bool:
-        """Whether full steps must record caches: only when partial steps can follow."""
+        """Whether full steps must record caches: only when partial steps can follow and the caches fit."""
         may_be_partial = self.config.schedule == "adaptive" or "P" in self.config.schedule
-        return self.record is not None and state.classes is not None and may_be_partial
+        if self.record is None or state.classes is None or not may_be_partial:
+            return False
+        return self._caches_fit(state)
+
+    def _caches_fit(self, state: BranchState) -> bool:
+        limit = self.config.max_cache_bytes
+        if limit is None:
+            return True
+        others = sum(s.stats.cache_bytes for s in self.branches.values() if s is not state)
+        if others + self.recorded_bytes <= limit:
+            return True
+        self._say_once(f"partial-step caches of {self.recorded_bytes / 2**20:.1f} MiB a branch do not fit "
+                       f"max_cache_bytes={limit} beside the other branches' caches: a branch that cannot "
+                       "record takes full and reuse steps only")
+        return False
 
     def _full_step(self, state: BranchState, args: Sequence[object]) -> list:
         n = self.num_outputs
         if not self._records(state):
             outputs = self.full(*args)
             state.store(outputs[n], None, [])
+            state.selection = state.pending_selection = None
             return outputs[:n]
         state.site_caches = []  # free the last caches before the new ones are allocated: one set at a time
         outputs = self.record(*args)

@@ -123,6 +123,17 @@ class Variants:
         """Cache tensors per site: keys and values (block) or the attention output (attention)."""
         return 1 if self.prune == "attention" else 2
 
+    def recorded_bytes(self, example_inputs: Sequence[object], num_outputs: int) -> int:
+        """Bytes a record step keeps beyond the model's ``num_outputs`` outputs (residual, final hidden
+        states, per-site caches, relevance query/key) for inputs shaped like ``example_inputs``; 0 without
+        a record variant. Runs the record graph on fake tensors (no memory, no compute)."""
+        if self.record is None:
+            return 0
+        propagate_fake_shapes(self.record, example_inputs)
+        outputs = next(n for n in self.record.graph.nodes if n.op == "output").args[0]
+        values = [node.meta["val"] for node in outputs[num_outputs:]]
+        return sum(v.numel() * v.element_size() for v in values if isinstance(v, torch.Tensor))
+
 
 def _check_no_symbolic_inputs(example_inputs: Sequence[object]) -> None:
     for value in example_inputs:

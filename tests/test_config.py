@@ -33,6 +33,8 @@ def test_unknown_key_names_the_key_and_the_allowed_ones():
         ("max_consecutive_reuse", 1.5),
         ("inner_backend", "tensorrt"),
         ("num_steps", 0),
+        ("max_cache_bytes", -1),
+        ("max_cache_bytes", "8GB"),
         ("rescale", "sdxl"),
         ("max_branches", True),
         ("size_buckets", -1),

@@ -1,5 +1,7 @@
 """Equivalence of the compiled variants with eager, branch separation and run lifecycle (aot_eager)."""
 
+import logging
+
 import pytest
 import torch
 from conftest import compile_hetcache, run
@@ -125,6 +127,32 @@ def test_max_branches_bounds_the_caches(transformer, inputs):
     runtime = hc.runtimes(transformer)[0]
     assert len(runtime.branches) == 2
     assert hc.stats(transformer).steps["full"] == 4
+
+
+def test_max_cache_bytes_lets_only_the_branches_that_fit_record(transformer, inputs, caplog):
+    uncond = {"encoder_hidden_states": torch.randn_like(inputs["encoder_hidden_states"])}
+    unbounded = compile_hetcache(transformer, schedule="FP")
+    run(unbounded, inputs)
+    one_branch = hc.stats(transformer).cache_bytes  # residual, final hidden states, keys and values
+    torch._dynamo.reset()
+    bounded = compile_hetcache(transformer, schedule="FP", max_cache_bytes=int(1.5 * one_branch))
+    with caplog.at_level(logging.WARNING, logger="hetcache_compile"):
+        outputs = [run(bounded, inputs), run(bounded, inputs, **uncond),
+                   run(bounded, inputs), run(bounded, inputs, **uncond)]
+    branches = hc.stats(transformer).branches
+    assert branches["cond"].history == ["full", "partial"]
+    assert branches["uncond"].history == ["full", "full"]  # its caches would not fit beside cond's
+    assert "max_cache_bytes" in caplog.text
+    assert hc.stats(transformer).cache_bytes <= 1.5 * one_branch
+    torch.testing.assert_close(outputs[3], run(transformer, inputs, **uncond), rtol=1e-4, atol=1e-4)
+
+
+def test_max_cache_bytes_zero_means_step_level_caching_only(transformer, inputs):
+    compiled = compile_hetcache(transformer, schedule="FPR", max_cache_bytes=0)
+    later = {"timestep": torch.tensor([400.0])}
+    outputs = [run(compiled, inputs), run(compiled, inputs, **later), run(compiled, inputs, **later)]
+    assert hc.stats(transformer).branches["cond"].history == ["full", "full", "reuse"]
+    torch.testing.assert_close(outputs[1], run(transformer, inputs, **later), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16])
