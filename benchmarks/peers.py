@@ -219,12 +219,16 @@ HETCACHE_SETTINGS = [
     {"preset": "fast"},
     {"preset": "balanced", "partial": False},
     {"preset": "fast", "partial": False},
-    {"preset": "balanced", "threshold": 0.4},
+    # zeroth-order reuse (the cached residual as is): the presets before reuse_order=1 became the default
+    {"preset": "quality", "reuse_order": 0},
+    {"preset": "balanced", "reuse_order": 0},
+    {"preset": "fast", "reuse_order": 0},
+    {"preset": "quality", "max_consecutive_reuse": 2},
+    {"preset": "fast", "max_consecutive_reuse": 4},
+    {"preset": "fast", "max_consecutive_reuse": 4, "partial": False},
     {"preset": "balanced", "max_consecutive_reuse": 1},
-    {"preset": "fast", "context_ratio": 0.05, "margin_ratio": 0.3},  # the fast preset before this benchmark chose it
-    {"preset": "balanced", "margin_ratio": 1.0},
     {"preset": "balanced", "context_ratio": 0.3, "margin_ratio": 0.75},
-    {"preset": "fast", "context_ratio": 0.2, "margin_ratio": 1.0},
+    {"preset": "fast", "context_ratio": 0.05, "margin_ratio": 0.3},  # the fast preset before the first benchmark
 ]
 WRONG_HINTS = "wrong on WanVACE: the cached residual already holds the VACE hints, added again (reference.md)"
 NOTES = {

@@ -56,6 +56,10 @@ class HetCacheConfig:
         warmup_steps: the first calls of every run are always full.
         refresh_interval: every n-th computed step is full (matters once partial steps exist).
         max_consecutive_reuse: cap on reuse steps in a row.
+        reuse_order: ``1`` (default): a reuse step extrapolates the stack residual linearly in
+            the timestep from the last two computed steps (first order, as TaylorSeer does for
+            block features; one more residual-sized tensor per branch); ``0``: it adds the last
+            computed step's residual as is (the paper's reuse).
         num_steps: number of calls per branch in a run, if known: the last one is then full.
         rescale: name in ``RESCALE_POLYNOMIALS`` or polynomial coefficients (highest power
             first) applied to each relative change before accumulating; ``None`` for identity.
@@ -90,6 +94,7 @@ class HetCacheConfig:
     warmup_steps: int = 2
     refresh_interval: int = 5
     max_consecutive_reuse: int = field(default=PRESETS["balanced"]["max_consecutive_reuse"])
+    reuse_order: int = 1
     num_steps: int | None = None
     rescale: str | tuple[float, ...] | None = None
     inner_backend: str = "inductor"
@@ -115,6 +120,8 @@ class HetCacheConfig:
             value = getattr(self, name)
             _require(isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
                      name, value, f"an integer >= {minimum}")
+        _require(self.reuse_order in (0, 1) and not isinstance(self.reuse_order, bool), "reuse_order",
+                 self.reuse_order, "0 or 1")
         _require(self.num_steps is None or (isinstance(self.num_steps, int) and self.num_steps >= 1),
                  "num_steps", self.num_steps, "None or an integer >= 1")
         _require(self.max_cache_bytes is None or (isinstance(self.max_cache_bytes, int)

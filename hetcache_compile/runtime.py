@@ -57,21 +57,44 @@ class BranchState:
     classes: TokenClasses | None = None
     last_timestep: float | None = None
     conditioning: tuple | None = None
+    reuse_order: int = 0  # 1: reuse steps extrapolate the residual linearly in the timestep
+    residual_timestep: float | None = None  # timestep of the call that computed ``residual``
+    residual_slope: torch.Tensor | None = None  # d residual / d timestep over the last two computed steps
 
     def reset(self) -> None:
         self.scheduler.reset()
         self.residual = self.exit = self.selection = self.classes = self.pending_selection = None
+        self.residual_timestep = self.residual_slope = None
         self.site_caches = []
         self.last_timestep = None
         self.stats.history = []
         self.stats.cache_bytes = 0
 
     def store(self, residual: torch.Tensor, exit: torch.Tensor | None, site_caches: Sequence[torch.Tensor]) -> None:
+        """Keep what a computed (full or partial) step of the current call produced."""
         # Compiled variants are specialised to their inputs' strides: keep every cache contiguous.
         residual, exit = _contiguous(residual), _contiguous(exit)
+        self._update_slope(residual)
         self.residual, self.exit, self.site_caches = residual, exit, [_contiguous(t) for t in site_caches]
-        tensors = [residual, *([exit] if exit is not None else []), *self.site_caches]
+        self.residual_timestep = self.last_timestep
+        tensors = [residual, *([exit] if exit is not None else []), *self.site_caches,
+                   *([self.residual_slope] if self.residual_slope is not None else [])]
         self.stats.cache_bytes = sum(t.numel() * t.element_size() for t in tensors)
+
+    def reuse_residual(self) -> torch.Tensor:
+        """The residual a reuse step adds: the last one, or (``reuse_order=1``) its linear extrapolation
+        to this call's timestep from the last two computed steps, as TaylorSeer does for features."""
+        if self.residual_slope is None or self.last_timestep is None:
+            return self.residual
+        return torch.add(self.residual, self.residual_slope, alpha=self.last_timestep - self.residual_timestep)
+
+    def _update_slope(self, residual: torch.Tensor) -> None:
+        previous, t0, t1 = self.residual, self.residual_timestep, self.last_timestep
+        if (self.reuse_order == 0 or previous is None or t0 is None or t1 is None or t1 == t0
+                or previous.shape != residual.shape):
+            self.residual_slope = None
+            return
+        self.residual_slope = (residual - previous) / (t1 - t0)
 
 
 def _contiguous(tensor: torch.Tensor | None) -> torch.Tensor | None:
@@ -147,7 +170,7 @@ class HetCacheRuntime:
         kind = self._feasible(state, state.scheduler.next_kind(modulation))
         with torch.profiler.record_function(f"hetcache::{kind.value}"):
             if kind is StepKind.REUSE:
-                outputs = self.reuse(*args, state.residual)
+                outputs = self.reuse(*args, state.reuse_residual())
             elif kind is StepKind.PARTIAL:
                 outputs = self._partial_step(state, args)
             else:
@@ -248,7 +271,8 @@ class HetCacheRuntime:
         names = ("cond", "uncond")
         count = len(self.branches) + len(self.finished)
         name = names[count] if count < len(names) else f"branch{count}"
-        state = BranchState(scheduler=make_scheduler(self.config), stats=BranchStats(name))
+        state = BranchState(scheduler=make_scheduler(self.config), stats=BranchStats(name),
+                            reuse_order=self.config.reuse_order)
         self.branches[key] = state
         return state
 

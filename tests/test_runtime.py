@@ -129,6 +129,35 @@ def test_max_branches_bounds_the_caches(transformer, inputs):
     assert hc.stats(transformer).steps["full"] == 4
 
 
+def test_first_order_reuse_extrapolates_the_residual_in_the_timestep():
+    from hetcache_compile.config import HetCacheConfig
+    from hetcache_compile.runtime import BranchState
+    from hetcache_compile.schedule import make_scheduler
+    from hetcache_compile.stats import BranchStats
+
+    r0, r1 = torch.randn(1, 6, 4), torch.randn(1, 6, 4)
+    for order, expected in ((0, r1), (1, r1 + (r1 - r0) * 0.5)):
+        state = BranchState(make_scheduler(HetCacheConfig()), BranchStats("cond"), reuse_order=order)
+        for timestep, residual in ((900.0, r0), (800.0, r1)):
+            state.last_timestep = timestep
+            state.store(residual, None, [])
+        state.last_timestep = 750.0
+        torch.testing.assert_close(state.reuse_residual(), expected)
+
+
+def test_first_order_reuse_changes_reuse_steps_only_once_two_steps_were_computed(transformer, inputs):
+    later = [{"timestep": torch.tensor([t]), "hidden_states": torch.randn_like(inputs["hidden_states"])}
+             for t in (1000.0, 900.0, 800.0)]
+    outputs = {}
+    for order in (0, 1):
+        torch._dynamo.reset()
+        compiled = compile_hetcache(transformer, schedule="FFR", reuse_order=order)
+        outputs[order] = [run(compiled, inputs, **step) for step in later]
+        assert hc.stats(transformer).branches["cond"].history == ["full", "full", "reuse"]
+    torch.testing.assert_close(outputs[1][:2], outputs[0][:2])
+    assert not torch.allclose(outputs[1][2], outputs[0][2])
+
+
 def test_max_cache_bytes_lets_only_the_branches_that_fit_record(transformer, inputs, caplog):
     uncond = {"encoder_hidden_states": torch.randn_like(inputs["encoder_hidden_states"])}
     unbounded = compile_hetcache(transformer, schedule="FP")
