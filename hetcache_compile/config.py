@@ -30,10 +30,13 @@ PRESETS: dict[str, dict[str, object]] = {
     # context_ratio / margin_ratio: shares of context and margin tokens a partial step computes.
     # Thresholds are on the raw relative L1 change of the timestep modulation (no rescale).
     # Chosen with benchmarks/quality.py on the trained proxy (16 held-out clips, in-mask PSNR vs
-    # full compute, FLOPs reduction): quality 42.5 dB at 1.77x; balanced 34.5 dB at 3.07x; fast had
-    # context 0.05 / margin 0.3 (29.7 dB at 4.70x, under the 30 dB bar) and now keeps balanced's
-    # token shares with a reuse cap of 3 (30.8 dB at 4.11x). There the threshold did not bind
-    # (0.4-1.6 gave the same schedule): the reuse cap and refresh interval set the step pattern.
+    # full compute, FLOPs reduction). First round (zeroth-order reuse): quality 42.5 dB at 1.77x;
+    # balanced 34.5 dB at 3.04x; fast had context 0.05 / margin 0.3 (29.7 dB at 4.70x, under the
+    # 30 dB bar) and took balanced's token shares with a reuse cap of 3 (30.8 dB at 4.07x). With
+    # reuse_order=1 (default since) the same presets give 52.4 / 38.8 / 32.7 dB at 1.77x / 3.04x /
+    # 4.07x; a reuse cap of 4 (30.5 dB at 4.67x) fell behind step skipping, so fast keeps 3. The
+    # threshold did not bind there (0.4-1.6 gave the same schedule): the reuse cap and refresh
+    # interval set the step pattern.
     "quality": {"threshold": 0.6, "max_consecutive_reuse": 1, "context_ratio": 0.2, "margin_ratio": 1.0},
     "balanced": {"threshold": 1.2, "max_consecutive_reuse": 2, "context_ratio": 0.1, "margin_ratio": 0.5},
     "fast": {"threshold": 1.5, "max_consecutive_reuse": 3, "context_ratio": 0.1, "margin_ratio": 0.5},
