@@ -242,7 +242,7 @@ def benchmark(config: Config, base: torch.nn.Module, inputs: dict, steps: int, r
     return result
 
 
-def run_flops(base: torch.nn.Module, input_kwargs: dict, results: list[Result], steps: int) -> dict[str, float]:
+def flops_reductions(base: torch.nn.Module, input_kwargs: dict, results: list[Result], steps: int) -> dict[str, float]:
     """FLOPs reduction of each config (by name) against full compute, counted on the meta device for this size."""
     from flops import variant_flops
 
@@ -307,7 +307,7 @@ COLUMNS = ["config", "median s/run", "min s/run", "speedup vs torch.compile", "t
            "max abs diff vs eager", "mean abs diff vs eager", "warm-up run s (compile)"]
 
 
-def table_rows(results: list[Result], flops: dict[str, float], steps: int, gpu: bool) -> list[list[str]]:
+def table_rows(results: list[Result], reductions: dict[str, float], steps: int, gpu: bool) -> list[list[str]]:
     """One row per config; ratios are against the torch.compile row (else the first row) of the same run."""
     na = "n/a"
     reference = next((r.output for r in results if r.config.key == "eager" and r.error is None), None)
@@ -333,9 +333,9 @@ def table_rows(results: list[Result], flops: dict[str, float], steps: int, gpu: 
         else:
             steps_cell = f"{2 * steps}/0/0"
         model_speedup = baseline.transformer_median / r.transformer_median
-        reduction = flops.get(r.config.name)
-        if reduction and baseline.config.name in flops:
-            reduction /= flops[baseline.config.name]
+        reduction = reductions.get(r.config.name)
+        if reduction and baseline.config.name in reductions:  # against the baseline row, like the speedups
+            reduction /= reductions[baseline.config.name]
         row = [r.config.name, f"{r.median:.3f}", f"{min(r.seconds):.3f}", f"{baseline.median / r.median:.2f}x",
                f"{r.transformer_median:.3f}", f"{model_speedup:.2f}x",
                f"{reduction:.2f}x" if reduction else na,
@@ -437,7 +437,7 @@ def main(argv: list[str] | None = None) -> None:
     model_line = (f"`tiny_vace_transformer({', '.join(f'{k}={v}' for k, v in size.model.items())})`"
                   if size.model is not None else "`WanVACETransformer3DModel(**flops.WAN_VACE_1_3B)` (the 1.3B config)")
 
-    def write(results: list[Result], flops: dict[str, float], total: float) -> None:
+    def write(results: list[Result], reductions: dict[str, float], total: float) -> None:
         header = [
             f"machine: {machine}",
             f"date: {utc_now()}",
@@ -453,7 +453,7 @@ def main(argv: list[str] | None = None) -> None:
             *args.note,
         ]
         columns = COLUMNS + (["peak GPU memory GiB"] if gpu else [])
-        rows = table_rows(results, flops, args.steps, gpu)
+        rows = table_rows(results, reductions, args.steps, gpu)
         title = f"Latency: WanVACE masked edit, size {args.size}, on {'GPU' if gpu else 'CPU'}"
         write_table(name, title, columns, rows, header, table_notes(results, args.inner_backend, gpu))
 
@@ -461,7 +461,7 @@ def main(argv: list[str] | None = None) -> None:
     results = run_configs(configs, base, inputs, args.steps, args.repeats, args.deadline,
                           lambda partial: write(partial, {}, time.perf_counter() - total_start))
     log.info("counting FLOPs on the meta device ...")
-    write(results, run_flops(base, size.inputs, results, args.steps), time.perf_counter() - total_start)
+    write(results, flops_reductions(base, size.inputs, results, args.steps), time.perf_counter() - total_start)
 
 
 if __name__ == "__main__":
