@@ -102,13 +102,13 @@ def make_pool(count: int, workers: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def augment(x0: torch.Tensor, mask: torch.Tensor, flips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flip each sample along time / height / width where ``flips [B, 3]`` says so."""
-    xs, ms = [], []
-    for x, m, f in zip(x0, mask, flips.tolist()):
-        dims = [d for d, on in zip((1, 2, 3), f) if on]
-        xs.append(x.flip(dims) if dims else x)
-        ms.append(m.flip([d - 1 for d in dims]) if dims else m)
-    return torch.stack(xs), torch.stack(ms)
+    """Flip each sample along time / height / width where ``flips [B, 3]`` says so (an exact permutation)."""
+    x0, mask = x0.clone(), mask.clone()
+    for axis in range(3):
+        rows = flips[:, axis].to(x0.device)
+        x0[rows] = x0[rows].flip(axis + 2)    # x0 [B, 16, F, H, W]
+        mask[rows] = mask[rows].flip(axis + 1)  # mask [B, F, H, W]
+    return x0, mask
 
 
 def save(model: torch.nn.Module, out: Path) -> dict[str, str]:
@@ -158,6 +158,7 @@ def main(argv=None) -> None:
     x_pool, m_pool = make_pool(args.pool, args.workers)  # before any GPU work: workers are forked
     gen_s = time.perf_counter() - start
 
+    x_pool, m_pool = x_pool.to(device), m_pool.to(device)
     model = build_model(args.seed).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
     text = prompt_embeds(args.batch).to(device)
@@ -171,12 +172,12 @@ def main(argv=None) -> None:
             order = torch.cat([order, torch.randperm(args.pool, generator=rng)])
         index, order = order[:args.batch], order[args.batch:]
         flips = torch.rand(args.batch, 3, generator=rng) < 0.5
-        x0, mask = augment(x_pool[index], m_pool[index], flips)
+        x0, mask = augment(x_pool[index.to(device)], m_pool[index.to(device)], flips)
         t = shift_sigma(torch.rand(args.batch, generator=rng), args.shift)
         noise = torch.randn(x0.shape, generator=rng)
+        t, noise = t.to(device), noise.to(device)
         tb = t.view(-1, 1, 1, 1, 1)
         x_t = (1 - tb) * x0 + tb * noise
-        x0, mask, t, noise, x_t = (tensor.to(device) for tensor in (x0, mask, t, noise, x_t))
 
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
