@@ -14,8 +14,9 @@ fills use the same known latents:
 
 PSNR per clip, over the hidden cells of all 16 channels, ``10 log10(R^2 / MSE)`` with ``R`` the
 clip's range ``max(x0) - min(x0)`` (torchmetrics' ``peak_signal_noise_ratio`` with that
-``data_range``; the same formula inline where torchmetrics is not installed), averaged over
-clips. Writes ``benchmarks/results/proxy.md``.
+``data_range``), averaged over clips; SSIM inside the mask as ``benchmarks/quality.py`` computes it
+(``quality_metrics.clip_scores``). Needs the ``[bench]`` extra (torchmetrics). Writes
+``benchmarks/results/proxy.md``.
 
     python benchmarks/proxy/evaluate.py                # 300 held-out clips, 20 Euler steps
 """
@@ -23,43 +24,37 @@ clips. Writes ``benchmarks/results/proxy.md``.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torchmetrics.functional.image import peak_signal_noise_ratio
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/
 
 from common import REPO_ROOT, command_line, machine_description, utc_now, write_table  # noqa: E402
+from quality_metrics import clip_scores  # noqa: E402
 
 from proxy.data import FRAMES, HEIGHT, MASK_KINDS, WIDTH, heldout_seeds, make_batch  # noqa: E402
 from proxy.model import WEIGHTS_DIR, WEIGHTS_NAME, load_proxy, prompt_embeds, sha256, shift_sigma, vace_control  # noqa: E402
 
-try:
-    from torchmetrics.functional.image import peak_signal_noise_ratio as _tm_psnr
-except ImportError:  # pragma: no cover - the [bench] extra installs it
-    _tm_psnr = None
-
-
-def psnr(pred: torch.Tensor, target: torch.Tensor, data_range: float) -> float:
-    """``10 log10(data_range^2 / mean((pred - target)^2))`` over all given elements."""
-    if _tm_psnr is not None:
-        return float(_tm_psnr(pred, target, data_range=data_range))
-    return 10 * math.log10(data_range ** 2 / float(((pred - target) ** 2).mean()))
-
 
 def masked_psnr(pred: torch.Tensor, x0: torch.Tensor, mask: torch.Tensor, inside: bool = True) -> list[float]:
-    """Per-clip PSNR over the hidden (``inside``) or known cells of ``[B, 16, F, H, W]`` latents."""
+    """Per-clip PSNR over the hidden (``inside``) or known cells of ``[B, 16, F, H, W]`` latents (torchmetrics)."""
     scores = []
     for p, x, m in zip(pred, x0, mask):
         sel = (m > 0.5) if inside else (m <= 0.5)
         sel = sel.unsqueeze(0).expand_as(x)
-        scores.append(psnr(p[sel], x[sel], float(x.max() - x.min())))
+        scores.append(float(peak_signal_noise_ratio(p[sel], x[sel], data_range=float(x.max() - x.min()))))
     return scores
+
+
+def masked_ssim(pred: torch.Tensor, x0: torch.Tensor, mask: torch.Tensor) -> list[float]:
+    """Per-clip SSIM averaged over the hidden cells, as ``benchmarks/quality.py`` computes it."""
+    return clip_scores(list(pred[:, None]), list(x0[:, None]), list(x0[:, None]), list(mask[:, None])).ssim_mask
 
 
 def mean_fill(x0: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -127,6 +122,7 @@ def main(argv=None) -> None:
                "zero fill (dataset mean)", "mean fill (known cells' channel means)",
                f"diffusion fill (space-time Gaussian blur, {args.fill_iters} rounds)"]
     inside = {m: [] for m in methods}
+    ssim = {m: [] for m in methods}
     outside = {m: [] for m in methods[:2]}
     kinds: list[str] = []
     seeds = list(heldout_seeds(args.clips))
@@ -137,6 +133,7 @@ def main(argv=None) -> None:
         preds = [euler, one_step, torch.zeros_like(x0), mean_fill(x0, mask), diffusion_fill(x0, mask, args.fill_iters)]
         for method, pred in zip(methods, preds):
             inside[method] += masked_psnr(pred, x0, mask)
+            ssim[method] += masked_ssim(pred, x0, mask)
         for method, pred in zip(methods[:2], preds[:2]):
             outside[method] += masked_psnr(pred, x0, mask, inside=False)
     elapsed = time.perf_counter() - start
@@ -154,11 +151,12 @@ def main(argv=None) -> None:
     for method in methods:
         scores = inside[method]
         row = [method] + [mean([s for s, k in zip(scores, kinds) if k == kind]) for kind in MASK_KINDS]
-        row += [mean(scores), share_above(method, methods[3]), share_above(method, methods[4])]
+        row += [mean(scores), f"{sum(ssim[method]) / len(ssim[method]):.3f}",
+                share_above(method, methods[3]), share_above(method, methods[4])]
         row.append(mean(outside[method]) if method in outside else "exact")
         rows.append(row)
-    columns = ["method", *(f"PSNR {k} (dB)" for k in MASK_KINDS), "PSNR all (dB)", "clips above mean fill",
-               "clips above diffusion fill", "PSNR known cells (dB)"]
+    columns = ["method", *(f"PSNR {k} (dB)" for k in MASK_KINDS), "PSNR all (dB)", "in-mask SSIM, all",
+               "clips above mean fill", "clips above diffusion fill", "PSNR known cells (dB)"]
     weights_file = args.weights / WEIGHTS_NAME
     try:
         weights_name = weights_file.resolve().relative_to(REPO_ROOT)
