@@ -229,6 +229,12 @@ HETCACHE_SETTINGS = [
     {"preset": "balanced", "max_consecutive_reuse": 1},
     {"preset": "balanced", "context_ratio": 0.3, "margin_ratio": 0.75},
     {"preset": "fast", "context_ratio": 0.05, "margin_ratio": 0.3},  # the fast preset before the first benchmark
+    # The default margin_radius (5 tokens) covers the proxy's whole 6 x 6 token grid, so the rows
+    # above have no context tokens; with a 1-token margin the context selection runs.
+    {"preset": "balanced", "margin_radius": 1},
+    {"preset": "fast", "margin_radius": 1},
+    {"preset": "balanced", "margin_radius": 1, "context_ratio": 0.0},
+    {"preset": "balanced", "margin_radius": 1, "context_ratio": 0.3},
 ]
 WRONG_HINTS = "wrong on WanVACE: the cached residual already holds the VACE hints, added again (reference.md)"
 NOTES = {
