@@ -10,7 +10,9 @@ keyword arguments. What differs is the denoiser:
 - diffusers' caches (FirstBlockCache, PyramidAttentionBroadcast, TaylorSeer, MagCache) and
   cache-dit's DBCache: hooks on a fresh copy of the proxy, run eagerly as their docs do; each call is
   wrapped in ``model.cache_context("cond")`` as ``WanVACEPipeline`` does, and the hooks' state is
-  reset before every clip (a new video).
+  reset before every clip (a new video);
+- the context ablation: hetcache with ``selection.select_context`` patched to an even spread, so
+  the same number of context tokens is recomputed without relevance or clusters.
 
 A method that fails to build or run is kept: ``Method.error`` says why and its row reports it.
 """
@@ -22,9 +24,12 @@ import io
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from unittest import mock
 
 import torch
 from proxy.model import load_proxy, prompt_embeds, shift_sigma, vace_control
+
+from hetcache_compile import selection as hetcache_selection
 
 STEPS = 20
 
@@ -94,6 +99,30 @@ def hetcache_runner(options: dict, inner: str) -> Callable[[], Runner]:
         torch._dynamo.reset()
         compiled = torch.compile(model, backend="hetcache", options={"inner_backend": inner, **options})
         return Runner(model, compiled)
+
+    return build
+
+
+def _uniform_context(context: torch.Tensor, scores: torch.Tensor, hidden: torch.Tensor, ratio: float,
+                     num_clusters: int) -> torch.Tensor:
+    """Stands in for ``selection.select_context``: the same budget, evenly spaced in raster order."""
+    budget = round(ratio * context.numel())
+    if budget == 0:
+        return context[:0]
+    return context[torch.linspace(0, context.numel() - 1, budget).round().long()]
+
+
+def uniform_context_runner(options: dict, inner: str) -> Callable[[], Runner]:
+    """``hetcache_runner`` with the context tokens of S picked uniformly (an ablation, not an option)."""
+
+    def build() -> Runner:
+        runner = hetcache_runner(options, inner)()
+
+        def denoiser(**kwargs):
+            with mock.patch.object(hetcache_selection, "select_context", _uniform_context):
+                return runner.denoiser(**kwargs)
+
+        return Runner(runner.model, denoiser)
 
     return build
 
@@ -235,6 +264,13 @@ HETCACHE_SETTINGS = [
     {"preset": "fast", "margin_radius": 1},
     {"preset": "balanced", "margin_radius": 1, "context_ratio": 0.0},
     {"preset": "balanced", "margin_radius": 1, "context_ratio": 0.3},
+    {"preset": "balanced", "margin_radius": 1, "num_clusters": 1},  # context by relevance alone
+]
+# Ablation of the context choice: the same |S|, the context share spread evenly over the context
+# tokens in raster order, with no relevance and no clusters (``uniform_context_runner``).
+UNIFORM_CONTEXT_SETTINGS = [
+    {"preset": "balanced", "margin_radius": 1},
+    {"preset": "balanced", "margin_radius": 1, "context_ratio": 0.3},
 ]
 WRONG_HINTS = "wrong on WanVACE: the cached residual already holds the VACE hints, added again (reference.md)"
 NOTES = {
@@ -260,6 +296,11 @@ def default_methods(inner: str, ratios: list[float], steps: int = STEPS) -> list
     methods += [
         Method("hetcache", _describe(o), hetcache_runner(o, inner), hetcache=True, options_dict=o)
         for o in HETCACHE_SETTINGS
+    ]
+    methods += [
+        Method("hetcache", _describe(o) + ", context picked uniformly (ablation)", uniform_context_runner(o, inner),
+               hetcache=True, options_dict=o)
+        for o in UNIFORM_CONTEXT_SETTINGS
     ]
     methods += [Method("FirstBlockCache", f"threshold={t}", fbc(t)) for t in (0.02, 0.05, 0.1, 0.2, 0.4)]
     methods += [
