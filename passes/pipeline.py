@@ -17,7 +17,7 @@ import torch.fx as fx
 
 from .attention import AttentionSite, attention_operand, find_attention_sites
 from .errors import PassFailed, RewriteRefused
-from .graph_utils import ancestors, is_state_placeholder, placeholders
+from .graph_utils import ancestors, is_state_placeholder, output_node, placeholders
 from .partial import build_attention_partial_variant, build_partial_variant, cache_input_names
 from .probe import ModulationSignal, extract_probe, find_modulation
 from .record import build_full_variant
@@ -130,7 +130,7 @@ class Variants:
         if self.record is None:
             return 0
         propagate_fake_shapes(self.record, example_inputs)
-        outputs = next(n for n in self.record.graph.nodes if n.op == "output").args[0]
+        outputs = output_node(self.record.graph).args[0]
         values = [node.meta["val"] for node in outputs[num_outputs:]]
         return sum(v.numel() * v.element_size() for v in values if isinstance(v, torch.Tensor))
 
