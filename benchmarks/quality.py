@@ -159,7 +159,7 @@ def main() -> None:
     x0s, masks, _ = make_batch(heldout_seeds(args.clips))
     clips = [(x0s[i : i + 1], masks[i : i + 1]) for i in range(args.clips)]
     calib_x0, calib_mask, _ = make_batch(train_seeds(0, 1))
-    ratios = peers.magcache_ratios(calib_x0, calib_mask, args.shift)
+    ratios = peers.magcache_ratios(calib_x0, calib_mask, args.shift, args.steps)
     methods = peers.default_methods(args.inner_backend, ratios, args.steps)
     if args.only:
         methods = methods[:1] + [m for m in methods[1:] if any(w.lower() in m.family.lower() for w in args.only)]
