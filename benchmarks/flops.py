@@ -74,7 +74,7 @@ def trace_meta_model(config: dict, frames: int, height: int, width: int, text_le
     with torch.device("meta"):
         model = WanVACETransformer3DModel(**config).eval()
     latent_frames = (frames - 1) // 4 + 1
-    shape = (1, 16, latent_frames, height // 8, width // 8)
+    shape = (1, config["in_channels"], latent_frames, height // 8, width // 8)
     inputs = dict(
         hidden_states=torch.empty(shape, device="meta"),
         timestep=torch.empty(1, device="meta"),
