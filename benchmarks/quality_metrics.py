@@ -1,9 +1,9 @@
 """Metrics and FLOPs for ``benchmarks/quality.py``.
 
-Quality: torchmetrics' PSNR and SSIM on latents ``[B, 16, F, H, W]``, per clip, inside the mask
+Quality: torchmetrics' PSNR and SSIM on latents ``[B, C, F, H, W]``, per clip, inside the mask
 (hidden cells) and over the whole clip. ``data_range`` is the ground-truth clip's range
 ``max(x0) - min(x0)`` for every comparison (against the full-compute output too), so the two
-reference columns share one scale. SSIM treats each latent frame as a 16-channel image
+reference columns share one scale. SSIM treats each latent frame as a C-channel image
 (Gaussian window 5x5, sigma 1.0: the latent frames are only 12x12 cells) and averages
 torchmetrics' full SSIM map (``return_full_image=True``) over the hidden cells, or over all cells.
 

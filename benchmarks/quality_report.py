@@ -20,6 +20,7 @@ from common import (
     utc_now,
     write_table,
 )
+from proxy.data import CHANNELS, FRAMES, HEIGHT, WIDTH
 from quality_metrics import SSIM_KERNEL, SSIM_SIGMA, mean
 
 TARGET_DB, TARGET_REDUCTION = 30.0, 3.0
@@ -200,8 +201,9 @@ def write(scored: list, latency: list, run: dict) -> None:
         f"hetcache quality runs use inner backend `{run['inner']}`, peers run eagerly (uncompiled) as their docs do",
     ]
     notes = [
-        "Metrics (torchmetrics): mean over clips of per-clip PSNR / SSIM on the 16-channel latents "
-        "[16, 3, 12, 12] (no VAE); in-mask = the hidden cells, frame = all cells; data range = the ground-truth "
+        f"Metrics (torchmetrics): mean over clips of per-clip PSNR / SSIM on the {CHANNELS}-channel latents "
+        f"[{CHANNELS}, {FRAMES}, {HEIGHT}, {WIDTH}] (no VAE); in-mask = the hidden cells, frame = all cells; "
+        "data range = the ground-truth "
         f"clip's max - min for every comparison; SSIM per latent frame (Gaussian window "
         f"{SSIM_KERNEL}x{SSIM_KERNEL}, sigma {SSIM_SIGMA:g}), "
         "its full map averaged over the hidden cells or all cells. 'inf': identical to full compute.",

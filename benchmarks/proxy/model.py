@@ -13,18 +13,21 @@ from pathlib import Path
 import torch
 from diffusers import WanVACETransformer3DModel
 
+from .data import CHANNELS
+
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 WEIGHTS_NAME = "proxy.safetensors"
 DIFFUSERS_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"  # what save_pretrained writes
+MASK_CHANNELS = 64  # WanVACEPipeline.prepare_masks: one channel per pixel of the 8x8 block of a latent cell
 
 PROXY_CONFIG = dict(
-    patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=24, in_channels=16, out_channels=16,
+    patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=24, in_channels=CHANNELS, out_channels=CHANNELS,
     text_dim=32, freq_dim=64, ffn_dim=192, num_layers=4, cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads", rope_max_seq_len=32, vace_layers=[0, 2], vace_in_channels=96,
+    qk_norm="rms_norm_across_heads", rope_max_seq_len=32, vace_layers=[0, 2],
+    vace_in_channels=2 * CHANNELS + MASK_CHANNELS,  # inactive + reactive latents + mask
 )
 TEXT_LEN = 4
 TEXT_SEED = 20260501
-MASK_CHANNELS = 64  # WanVACEPipeline.prepare_masks: one channel per pixel of the 8x8 block of a latent cell
 
 __all__ = [
     "WEIGHTS_DIR", "WEIGHTS_NAME", "PROXY_CONFIG", "build_model", "load_proxy", "prompt_embeds", "vace_control",
@@ -56,7 +59,7 @@ def prompt_embeds(batch: int = 1, text_dim: int = PROXY_CONFIG["text_dim"]) -> t
 
 
 def vace_control(x0: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``control_hidden_states [B, 96, F, H, W]`` for inpainting ``mask [B, F, H, W]`` (1 = hidden) of ``x0``.
+    """``control_hidden_states [B, 2 C + 64, F, H, W]`` for inpainting ``mask [B, F, H, W]`` (1 = hidden) of ``x0``.
 
     ``WanVACEPipeline.prepare_video_latents`` encodes ``inactive = video * (1 - mask)`` and
     ``reactive = video * mask``; for inpainting the input video's hidden region is blanked, so in

@@ -12,7 +12,7 @@ random draw comes from generators seeded by ``--seed``, and deterministic algori
 the same command with the same ``--threads`` on the same torch build rebuilds the weights bit for
 bit (a different thread count may change float reduction order, and so the last bits).
 
-    python benchmarks/proxy/train.py --threads 1          # the committed weights (README.md), 26-30 min
+    python benchmarks/proxy/train.py --threads 2          # the committed weights (README.md), about 24 min
     python benchmarks/proxy/train.py --steps 20 --out /tmp/proxy-a   # a quick check
     python benchmarks/proxy/train.py --device cuda --out /tmp/proxy-g  # screening on a GPU (not bit-exact)
 
@@ -60,9 +60,9 @@ BEGIN, END = "<!-- train.py: begin -->", "<!-- train.py: end -->"
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--steps", type=int, default=3600)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--steps", type=int, default=3200)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--warmup", type=int, default=150, help="linear warm-up steps")
     p.add_argument("--shift", type=float, default=3.0, help="timestep shift of the training t (1 = uniform)")
@@ -75,7 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "deterministic algorithms only warn, so a GPU run is for screening, not the committed bits")
     p.add_argument("--time-limit", type=float, default=45.0,
                    help="minutes; a guard against an overloaded machine: training past it stops with an "
-                        "error and saves nothing (the defaults take 26-30 min at 1 thread)")
+                        "error and saves nothing (the committed command, at 2 threads, takes about 24 min)")
     p.add_argument("--workers", type=int, default=1, help="processes that draw the clip pool (same clips)")
     p.add_argument("--out", type=Path, default=WEIGHTS_DIR)
     return p.parse_args(argv)
