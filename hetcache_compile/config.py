@@ -30,16 +30,17 @@ PRESETS: dict[str, dict[str, object]] = {
     # context_ratio / margin_ratio: shares of context and margin tokens a partial step computes.
     # Thresholds are on the raw relative L1 change of the timestep modulation (no rescale).
     # Chosen with benchmarks/quality.py on the trained proxy (16 held-out clips, in-mask PSNR vs
-    # full compute, FLOPs reduction). First round (zeroth-order reuse): quality 42.5 dB at 1.77x;
-    # balanced 34.5 dB at 3.04x; fast had context 0.05 / margin 0.3 (29.7 dB at 4.70x, under the
-    # 30 dB bar) and took balanced's token shares with a reuse cap of 3 (30.8 dB at 4.07x). With
-    # reuse_order=1 (default since) the same presets give 52.4 / 38.8 / 32.7 dB at 1.77x / 3.04x /
-    # 4.07x; a reuse cap of 4 (30.5 dB at 4.67x) fell behind step skipping, so fast keeps 3. The
-    # threshold did not bind there (0.4-1.6 gave the same schedule): the reuse cap and refresh
-    # interval set the step pattern. context_ratio is not set by that benchmark: at the default
-    # margin_radius the proxy's 6 x 6 token grid has no context tokens. Its rows with
-    # margin_radius=1 show the share matters (balanced, context 0 / 0.1 / 0.3: 36.7 / 37.5 / 38.7 dB
-    # at 3.81x / 3.62x / 3.31x).
+    # full compute, FLOPs reduction). First round, first proxy, zeroth-order reuse: quality 42.5 dB
+    # at 1.77x; balanced 34.5 dB at 3.04x; fast had context 0.05 / margin 0.3 (29.7 dB at 4.70x,
+    # under the 30 dB bar) and took balanced's token shares with a reuse cap of 3 (30.8 dB at 4.07x).
+    # With reuse_order=1 (default since): 52.4 / 38.8 / 32.7 dB at 1.77x / 3.04x / 4.07x; a reuse cap
+    # of 4 fell behind step skipping, so fast keeps 3. Rechecked on the second proxy (4 channels,
+    # 2026-11-26): 51.8 / 39.6 / 32.0 dB at 1.79x / 3.11x / 4.21x; a cap of 4 (30.0 dB at 4.87x)
+    # still falls behind 4 Euler steps (30.6 dB at 5.00x). The threshold did not bind on the first
+    # proxy (0.4-1.6 gave the same schedule): the reuse cap and refresh interval set the step
+    # pattern. context_ratio is not set by that benchmark: at the default margin_radius the proxy's
+    # 6 x 6 token grid has no context tokens. Its rows with margin_radius=1 show the share matters
+    # (balanced, context 0 / 0.1 / 0.3: 37.4 / 37.5 / 38.6 dB at 3.93x / 3.73x / 3.41x).
     "quality": {"threshold": 0.6, "max_consecutive_reuse": 1, "context_ratio": 0.2, "margin_ratio": 1.0},
     "balanced": {"threshold": 1.2, "max_consecutive_reuse": 2, "context_ratio": 0.1, "margin_ratio": 0.5},
     "fast": {"threshold": 1.5, "max_consecutive_reuse": 3, "context_ratio": 0.1, "margin_ratio": 0.5},
