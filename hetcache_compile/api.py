@@ -18,59 +18,87 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
+def _parameter_ids(model: torch.nn.Module) -> set[int]:
+    return {id(p) for p in _unwrap(model).parameters()}
+
+
 def runtimes(model: torch.nn.Module) -> list:
-    """The live hetcache runtimes (rewritten or fallback) compiled from ``model``'s graphs."""
-    ids = {id(p) for p in _unwrap(model).parameters()}
-    found = [rt for rt in list(LIVE_RUNTIMES) if rt.parameter_ids & ids]
-    return sorted(found, key=id)
+    """The live hetcache runtimes (rewritten or fallback) that were compiled from ``model``'s graphs or
+    have run for it. A graph Dynamo shares between instances of a class is listed for each."""
+    ids = _parameter_ids(model)
+    found = [rt for rt in list(LIVE_RUNTIMES) if rt.serves(ids)]
+    return sorted(found, key=lambda rt: (rt.frame_id, id(rt)))
 
 
 def stats(model: torch.nn.Module) -> HetCacheStats:
-    """Step counts by kind (per branch and in total), cache bytes, compile seconds, fallbacks.
+    """Model calls by step kind (per branch and in total), cache bytes, compile seconds, fallbacks.
+
+    Only this model's calls count, even when Dynamo shares its graphs with other instances of its
+    class. ``calls`` counts model calls, ``graph_calls`` the calls of all its graphs (graph breaks
+    split a model into several). A call that no rewritten graph served counts as full. Statistics
+    live with the compiled graphs: ``torch._dynamo.reset()`` discards them.
 
     >>> s = stats(torch.nn.Linear(2, 2))      # a model never compiled with hetcache
-    >>> s.steps["reuse"], s.graphs
-    (0, 0)
+    >>> s.steps["reuse"], s.graphs, s.calls
+    (0, 0, 0)
     """
+    ids = _parameter_ids(model)
+    found = runtimes(model)
     total = HetCacheStats()
-    for runtime in runtimes(model):
+    entry_frame = min((rt.frame_id for rt in found), default=None)
+    for runtime in found:
+        calls = runtime.calls(ids)
         total.graphs += 1
+        total.graph_calls += calls
+        if runtime.frame_id == entry_frame:
+            total.model_calls += calls
         if getattr(runtime, "fallback_reason", None):
             total.fallback_reasons.append(runtime.fallback_reason)
-            total.steps["full"] += runtime.calls
             total.compile_seconds["fallback"] = total.compile_seconds.get("fallback", 0.0) + runtime.compile_seconds
             continue
-        for branch in runtime.branch_stats():
+        for branch in runtime.branch_stats(ids):
             total.merge_branch(branch)
         for variant in runtime.variants():
             total.compile_seconds[variant.name] = total.compile_seconds.get(variant.name, 0.0) + variant.compile_seconds
             total.compile_counts[variant.name] = total.compile_counts.get(variant.name, 0) + variant.compile_count
+    total.steps["full"] += max(0, total.model_calls - sum(total.steps.values()))
     return total
 
 
 def set_mask(model: torch.nn.Module, mask: torch.Tensor | None) -> None:
     """Give ``model`` the edit mask: the spatial prior for models whose inputs carry none.
 
-    ``mask`` is a bool token grid ``[F', H', W']`` or a pixel mask video ``[F, H, W]`` (Wan's VAE
+    ``mask`` is a token grid ``[F', H', W']`` or a pixel mask video ``[F, H, W]`` (Wan's VAE
     factors: 4x frames with the first alone, 8x pixels, then the patch), each optionally with a
-    batch dimension first; nonzero means *edit this*. It overrides a mask read from the inputs
-    (VACE's control channels) until ``set_mask(model, None)``. Setting it starts a new run.
-    Raises ``ValueError`` naming the expected grids when the shape fits an already compiled graph
-    of ``model`` neither way (graphs compiled later check it on their first call).
+    batch dimension first; a value above 0.5 (or True) means *edit this*, in either form, and a
+    mask that is not binary gets a warning. It applies to this model only (not to other instances
+    of its class) and overrides a mask read from the inputs (VACE's control channels) until
+    ``set_mask(model, None)``. Setting it starts a new run. Raises ``ValueError`` naming the
+    expected grids when the shape fits none of the resolutions ``model`` was compiled for; a call at
+    a resolution the mask does not fit raises the same error.
     """
     target = _unwrap(model)
-    for runtime in runtimes(target):
-        grid = getattr(runtime, "grid", None)
-        if mask is not None and grid is not None:
-            mask_to_token_grid(mask, grid.grid, grid.patch)
+    grids = {rt.grid.grid: rt.grid for rt in runtimes(target) if getattr(rt, "grid", None) is not None}
+    if mask is not None and grids:
+        errors = []
+        for grid in grids.values():
+            try:
+                mask_to_token_grid(mask, grid.grid, grid.patch)
+                break
+            except ValueError as error:
+                errors.append(str(error))
+        else:
+            raise ValueError(errors[0] if len(errors) == 1 else "; ".join(errors))
     USER_MASKS.set(target, mask)
     reset(target)
 
 
 def reset(model: torch.nn.Module) -> None:
-    """Forget every cache of ``model`` (a new video starts). Runs also reset themselves."""
+    """Forget every cache of ``model`` (a new video starts); other instances keep theirs. Runs also
+    reset themselves (the timestep went up, or a conditioning input changed)."""
+    ids = _parameter_ids(model)
     for runtime in runtimes(model):
-        runtime.reset()
+        runtime.reset(ids)
 
 
 def explain(model: torch.nn.Module) -> str:

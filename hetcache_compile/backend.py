@@ -16,69 +16,109 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.fx as fx
 
+from .compiled import compile_graph, inner_compiler
 from .config import HetCacheConfig
-from .passes import RewriteRefused, analyze, build_variants
+from .instances import InstanceTable
+from .passes import RewriteRefused, analyze, build_variants, is_symbolic
 from .runtime import LIVE_RUNTIMES, HetCacheRuntime
+from .shapes import ShapeSpecializingRuntime
 
 logger = logging.getLogger("hetcache_compile")
 
 class FallbackRuntime:
     """A graph hetcache did not rewrite: the inner compiler's output, plus the reason why."""
 
-    def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[object], reason: str, inner_backend: str):
+    def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[object], reason: str, config: HetCacheConfig,
+                 frame_id: int = 0, in_dynamo: bool = True):
         self.fallback_reason = reason
         self.report = f"rewrite refused: {reason}"
+        self.frame_id = frame_id
         self.parameter_ids = frozenset(id(x) for x in example_inputs if isinstance(x, torch.nn.Parameter))
+        self.instance = next((i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)), None)
+        self.instances: InstanceTable[list[int]] = InstanceTable(lambda: [0])
         start = time.perf_counter()
-        self.compiled = torch._dynamo.lookup_backend(inner_backend)(gm, list(example_inputs))
+        self.compiled = (inner_compiler(config)(gm, list(example_inputs)) if in_dynamo
+                         else compile_graph(gm, example_inputs, config))
         self.compile_seconds = time.perf_counter() - start
-        self.calls = 0
         LIVE_RUNTIMES.add(self)
 
     def __call__(self, *args):
-        self.calls += 1
+        self.instances.get(None if self.instance is None else args[self.instance])[0] += 1
         return self.compiled(*args)
 
-    def reset(self) -> None:
+    def serves(self, parameter_ids: set[int]) -> bool:
+        return bool(self.parameter_ids & parameter_ids) or bool(self.instances.matching(parameter_ids))
+
+    def calls(self, parameter_ids: set[int]) -> int:
+        return sum(count[0] for count in self.instances.matching(parameter_ids))
+
+    def reset(self, parameter_ids: set[int] | None = None) -> None:
         pass
 
 
 class HetCacheBackend:
-    """Dynamo backend entry point: ``backend(gm, example_inputs, options=None)``.
+    """Dynamo backend entry point: ``backend(gm, example_inputs, options=None, mode=None)``.
 
-    ``options`` are ``HetCacheConfig`` fields (plus ``preset``). ``torch._dynamo.reset()`` calls
-    ``reset()``, after which refusals are warned about again.
+    ``options`` are ``HetCacheConfig`` fields (plus ``preset``); ``mode`` is Inductor's mode for
+    the variants. A bad option raises ``HetCacheOptionsError`` (a ``ValueError``) at the first
+    call. ``torch._dynamo.reset()`` calls ``reset()``, after which refusals are warned about again.
     """
 
     def __init__(self) -> None:
         self._warned: set[str] = set()
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[object],
-                 options: dict | None = None) -> Callable:
-        config = HetCacheConfig.from_options(options)
-        try:
-            analysis = analyze(gm, example_inputs)
-            if config.schedule == "adaptive" and analysis.modulation is None:
-                raise RewriteRefused("no timestep-modulation tensor found for the adaptive schedule; "
-                                     "pass options={'schedule': 'FFRF...'} for a fixed schedule")
-            variants = build_variants(gm, analysis, example_inputs, relevance_site=config.relevance_site,
-                                      partial=config.partial, prune=config.prune)
-        except RewriteRefused as refused:
-            return self._fallback(gm, example_inputs, str(refused), config)
-        logger.info("hetcache rewrote a graph of %d nodes:\n%s", len(gm.graph.nodes), analysis.report())
-        return HetCacheRuntime(gm, example_inputs, analysis, variants, config)
+                 options: dict | None = None, mode: str | None = None) -> Callable:
+        config = HetCacheConfig.from_options(options, mode)
+        frame_id = _frame_id()
+        if is_symbolic(example_inputs):
+            def build(static_gm: fx.GraphModule, static_args: list) -> Callable:
+                return self._rewrite(static_gm, static_args, config, frame_id, in_dynamo=False)
+            return ShapeSpecializingRuntime(gm, example_inputs, config, build)
+        return self._rewrite(gm, example_inputs, config, frame_id, in_dynamo=True)
 
     def reset(self) -> None:
         self._warned.clear()
 
+    def _rewrite(self, gm: fx.GraphModule, example_inputs: Sequence[object], config: HetCacheConfig, frame_id: int,
+                 in_dynamo: bool) -> Callable:
+        try:
+            analysis = analyze(gm, example_inputs)
+            _check_schedule(config, analysis)
+            variants = build_variants(gm, analysis, example_inputs, relevance_site=config.relevance_site,
+                                      partial=config.partial, prune=config.prune)
+        except RewriteRefused as refused:
+            return self._fallback(gm, example_inputs, str(refused), config, frame_id, in_dynamo)
+        logger.info("hetcache rewrote a graph of %d nodes:\n%s", len(gm.graph.nodes), analysis.report())
+        return HetCacheRuntime(gm, example_inputs, analysis, variants, config, frame_id=frame_id)
+
     def _fallback(self, gm: fx.GraphModule, example_inputs: Sequence[object], reason: str,
-                  config: HetCacheConfig) -> FallbackRuntime:
+                  config: HetCacheConfig, frame_id: int, in_dynamo: bool) -> FallbackRuntime:
         if reason not in self._warned:
             self._warned.add(reason)
             warnings.warn(f"hetcache: not rewriting this graph ({reason}); compiling it with plain "
-                          f"{config.inner_backend}", stacklevel=3)
+                          f"{config.inner_backend}", stacklevel=4)
         logger.info("hetcache fallback: %s", reason)
-        return FallbackRuntime(gm, example_inputs, reason, config.inner_backend)
+        return FallbackRuntime(gm, example_inputs, reason, config, frame_id, in_dynamo)
+
+
+def _check_schedule(config: HetCacheConfig, analysis) -> None:
+    """Refuse schedules the graph cannot serve: reuse needs runs of steps, adaptive needs the modulation."""
+    if config.schedule == "adaptive" and analysis.modulation is None:
+        raise RewriteRefused("no timestep-modulation tensor found for the adaptive schedule; "
+                             "pass options={'schedule': 'FFRF...'} for a fixed schedule")
+    skips = config.schedule == "adaptive" or any(letter in config.schedule for letter in "PR")
+    if skips and analysis.timestep_input is None:
+        raise RewriteRefused("no timestep input found (a float input of at most 2 dims feeding a sinusoidal "
+                             "embedding), so calls cannot be told apart as steps of one denoising run and nothing "
+                             "may be reused between them")
+
+
+def _frame_id() -> int:
+    """Dynamo's id of the frame being compiled. Graph breaks split a model over several frames; the
+    lowest id among a model's graphs is its forward's entry, whose calls are the model's calls."""
+    compile_id = torch._guards.CompileContext.current_compile_id()
+    return compile_id.frame_id if compile_id is not None and compile_id.frame_id is not None else 0
 
 
 hetcache_backend = HetCacheBackend()

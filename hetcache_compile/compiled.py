@@ -1,4 +1,9 @@
-"""``CompiledVariant``: a variant graph compiled by the inner backend lazily, once per shape."""
+"""``CompiledVariant``: a variant graph compiled by the inner backend lazily, once per shape.
+
+Variants are compiled at their first call, after Dynamo's compile has returned. A graph that reads
+a scalar with ``.item()`` (Dynamo reads float attributes such as LoRA scales that way) is compiled
+under a tracing context of its own: a static-shape fake mode whose shape environment allows it.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +15,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.fx as fx
+from torch._guards import TracingContext, tracing
 
-from .passes.graph_utils import copy_graph_module
+from .config import HetCacheConfig
+from .passes.graph_utils import copy_graph_module, reads_scalars, static_fake_mode
 
 logger = logging.getLogger("hetcache_compile")
 
@@ -26,11 +33,12 @@ class CompiledVariant:
     ``max_shapes`` kept.
     """
 
-    def __init__(self, name: str, gm: fx.GraphModule, inner_backend: str, specialize_on: int | None = None,
+    def __init__(self, name: str, gm: fx.GraphModule, config: HetCacheConfig, specialize_on: int | None = None,
                  max_shapes: int = 4):
         self.name = name
         self.gm = gm
-        self.inner_backend = inner_backend
+        self.config = config
+        self.inner_backend = config.inner_backend
         self.specialize_on = specialize_on
         self.max_shapes = max_shapes
         self.compiled: OrderedDict[tuple, Callable] = OrderedDict()
@@ -51,14 +59,31 @@ class CompiledVariant:
     def _compile(self, args: Sequence[object]) -> Callable:
         _maybe_dump(self.name, self.gm)
         start = time.perf_counter()
-        compiler = torch._dynamo.lookup_backend(self.inner_backend)
-        # Inductor takes ownership of the graph it is given and may mutate it.
-        compiled = compiler(copy_graph_module(self.gm), list(args))
+        compiled = compile_graph(copy_graph_module(self.gm), args, self.config)
         seconds = time.perf_counter() - start
         self.compile_seconds += seconds
         self.compile_count += 1
         logger.info("compiled %s variant with %s in %.1f s", self.name, self.inner_backend, seconds)
         return compiled
+
+
+def compile_graph(gm: fx.GraphModule, args: Sequence[object], config: HetCacheConfig) -> Callable:
+    """Compile ``gm`` (which the compiler may mutate: pass a copy) for ``args``, outside Dynamo's compile."""
+    if not reads_scalars(gm):
+        return inner_compiler(config)(gm, list(args))
+    with tracing(TracingContext(static_fake_mode())):
+        return inner_compiler(config)(gm, list(args))
+
+
+def inner_compiler(config: HetCacheConfig) -> Callable:
+    """The compiler for variants: ``config.inner_backend``, with Inductor's mode and config patches."""
+    if config.inner_backend != "inductor":
+        return torch._dynamo.lookup_backend(config.inner_backend)
+    from torch._inductor import list_mode_options
+    from torch._inductor.compile_fx import compile_fx
+
+    patches = {**list_mode_options(config.mode), **dict(config.inductor_options or {})}
+    return lambda gm, args: compile_fx(gm, args, config_patches=patches)
 
 
 def _maybe_dump(name: str, gm: fx.GraphModule) -> None:

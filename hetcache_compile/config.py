@@ -14,6 +14,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from torch._dynamo.exc import ShortenTraceback
+
 # Public TeaCache polynomial for Wan2.1 T2V-1.3B on the timestep embedding ("ret_steps" mode):
 # maps the raw relative L1 change of the modulation tensor to an estimate of the output change.
 RESCALE_POLYNOMIALS: dict[str, tuple[float, ...]] = {
@@ -21,6 +23,10 @@ RESCALE_POLYNOMIALS: dict[str, tuple[float, ...]] = {
 }
 
 INNER_BACKENDS = ("inductor", "aot_eager", "eager")
+# Inductor modes for the variants. The CUDA-graph modes are refused: a replay overwrites its
+# outputs, and hetcache keeps outputs of one call (residual, caches) for the next ones.
+INDUCTOR_MODES = ("default", "max-autotune-no-cudagraphs")
+CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
 SCHEDULE_MODES = ("adaptive", "full")
 _FIXED_SCHEDULE = re.compile(r"^F[FPR]*$")
 PRUNE_MODES = ("block", "attention")
@@ -71,6 +77,14 @@ class HetCacheConfig:
         rescale: name in ``RESCALE_POLYNOMIALS`` or polynomial coefficients (highest power
             first) applied to each relative change before accumulating; ``None`` for identity.
         inner_backend: compiler for each variant: ``"inductor"``, ``"aot_eager"`` or ``"eager"``.
+        mode: Inductor mode for the variants, ``"default"`` or ``"max-autotune-no-cudagraphs"``;
+            ``torch.compile(..., mode=...)`` sets it too (torch forbids ``mode`` with ``options``).
+            The CUDA-graph modes are refused: a graph replay overwrites the outputs hetcache keeps.
+        inductor_options: Inductor config patches for the variants, as ``torch.compile``'s
+            ``options`` would give plain Inductor (e.g. ``{"max_autotune": True}``).
+        max_shapes: input shapes (resolutions, frame counts, batch layouts) kept rewritten at
+            once for a graph Dynamo compiled with dynamic shapes; the least recently used one's
+            variants and caches are dropped beyond it.
         max_branches: CFG branches (distinct text conditionings) kept at once; the least
             recently used is dropped beyond it, which bounds cache memory.
         max_cache_bytes: bound on the bytes of all branches' caches. A full step records the
@@ -105,6 +119,9 @@ class HetCacheConfig:
     num_steps: int | None = None
     rescale: str | tuple[float, ...] | None = None
     inner_backend: str = "inductor"
+    mode: str = "default"
+    inductor_options: Mapping[str, object] | None = None
+    max_shapes: int = 8
     max_branches: int = 4
     max_cache_bytes: int | None = None
     context_ratio: float = field(default=PRESETS["balanced"]["context_ratio"])
@@ -123,7 +140,7 @@ class HetCacheConfig:
                  "'adaptive', 'full' or a string of F/P/R letters starting with F, e.g. 'FFRPRF'")
         _require(_is_number(self.threshold) and self.threshold > 0, "threshold", self.threshold, "a number > 0")
         for name, minimum in (("warmup_steps", 1), ("refresh_interval", 1), ("max_consecutive_reuse", 0),
-                              ("max_branches", 1), ("num_clusters", 1), ("size_buckets", 0)):
+                              ("max_branches", 1), ("num_clusters", 1), ("size_buckets", 0), ("max_shapes", 1)):
             value = getattr(self, name)
             _require(isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
                      name, value, f"an integer >= {minimum}")
@@ -147,6 +164,13 @@ class HetCacheConfig:
         _require(isinstance(self.partial, bool), "partial", self.partial, "True or False")
         _require(self.inner_backend in INNER_BACKENDS, "inner_backend", self.inner_backend,
                  f"one of {list(INNER_BACKENDS)}")
+        if self.mode in CUDAGRAPH_MODES:
+            raise HetCacheOptionsError(
+                f"hetcache: mode {self.mode!r} uses CUDA graphs, whose replays overwrite the outputs hetcache keeps "
+                "between calls; use mode='max-autotune-no-cudagraphs' (or options={'mode': ...})")
+        _require(self.mode in INDUCTOR_MODES, "mode", self.mode, f"one of {list(INDUCTOR_MODES)}")
+        _require(self.inductor_options is None or isinstance(self.inductor_options, Mapping), "inductor_options",
+                 self.inductor_options, "None or a dict of Inductor config patches")
         rescale_ok = (
             self.rescale is None
             or self.rescale in RESCALE_POLYNOMIALS
@@ -157,13 +181,18 @@ class HetCacheConfig:
                  f"None, one of {sorted(RESCALE_POLYNOMIALS)} or a sequence of polynomial coefficients")
 
     @classmethod
-    def from_options(cls, options: Mapping[str, object] | None) -> HetCacheConfig:
-        """Build a config from ``torch.compile``'s ``options``; unknown keys raise ``ValueError``."""
+    def from_options(cls, options: Mapping[str, object] | None, mode: str | None = None) -> HetCacheConfig:
+        """Build a config from ``torch.compile``'s ``options`` (and ``mode``).
+
+        Raises ``HetCacheOptionsError``, a ``ValueError``, naming the key and what is allowed.
+        """
         options = dict(options or {})
+        if mode is not None:
+            options.setdefault("mode", mode)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(options) - known)
         if unknown:
-            raise ValueError(f"hetcache: unknown option {unknown[0]!r}; allowed options: {sorted(known)}")
+            raise HetCacheOptionsError(f"hetcache: unknown option {unknown[0]!r}; allowed options: {sorted(known)}")
         preset = options.get("preset", "balanced")
         _require(preset in PRESETS, "preset", preset, f"one of {sorted(PRESETS)}")
         merged = {**PRESETS[preset], **options}
@@ -183,6 +212,19 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+class HetCacheOptionsError(ValueError, ShortenTraceback):
+    """A bad ``torch.compile(..., backend="hetcache", options=...)`` value.
+
+    Raised when the compiled model is first called (torch hands the backend its options only
+    then). It is a ``ValueError``; it also derives from Dynamo's ``ShortenTraceback`` so that Dynamo
+    lets it reach the caller as is instead of wrapping it in ``BackendCompilerFailed``.
+    """
+
+    def __init__(self, message: str):
+        ValueError.__init__(self, message)
+        self.first_useful_frame = None  # what ShortenTraceback would set: no frame to cut the traceback at
+
+
 def _require(ok: bool, key: str, value: object, allowed: str) -> None:
     if not ok:
-        raise ValueError(f"hetcache: option {key!r} got {value!r}; allowed: {allowed}")
+        raise HetCacheOptionsError(f"hetcache: option {key!r} got {value!r}; allowed: {allowed}")

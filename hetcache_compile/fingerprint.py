@@ -20,7 +20,7 @@ class FingerprintCache:
     same tensor passed again (a pipeline's prompt embeddings, the control video) costs no reduction
     and no host sync. A new tensor, even at a recycled address, is fingerprinted afresh."""
 
-    def __init__(self, size: int = 16):
+    def __init__(self, size: int = 512):
         self.size = size
         self.entries: OrderedDict[int, tuple] = OrderedDict()
 

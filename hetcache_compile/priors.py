@@ -18,6 +18,7 @@ A token covers ``patch`` latent cells; with Wan's VAE (4x in time with the first
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 from dataclasses import dataclass
 
@@ -26,6 +27,20 @@ import torch.nn.functional as F
 
 VACE_MASK_CHANNELS = 64  # 8 x 8 pixels per latent cell, after the 32 latent channels
 PIXEL_FACTORS = (4, 8, 8)  # Wan VAE: temporal, height, width
+EDIT_THRESHOLD = 0.5  # one rule for every mask form: a value above it is edited (WanVACEPipeline's own cut)
+
+
+def binarize(mask: torch.Tensor, what: str) -> torch.Tensor:
+    """``mask > 0.5`` as bool (a bool mask as is); warns when a float mask is not binary."""
+    if mask.dtype == torch.bool:
+        return mask
+    values = mask.detach().float()
+    soft = (values > 0) & (values < 1)
+    if bool(soft.any()):
+        example = float(values[soft].flatten()[0])
+        warnings.warn(f"hetcache: {what} is not binary (it has values such as {example:.3g}); values above "
+                      f"{EDIT_THRESHOLD} count as edited, the rest as kept", stacklevel=3)
+    return values > EDIT_THRESHOLD
 
 
 @dataclass(frozen=True)
@@ -65,7 +80,7 @@ def mask_from_vace_control(control: torch.Tensor, patch: tuple[int, int, int]) -
     The last 64 channels hold the pixel mask, 8x8 pixels per latent cell (diffusers'
     ``WanVACEPipeline.prepare_masks``); a pixel above 0.5 is edited (the pipeline's own cut).
     """
-    pixels = control[:, -VACE_MASK_CHANNELS:].float() > 0.5
+    pixels = binarize(control[:, -VACE_MASK_CHANNELS:], "the mask in VACE's control_hidden_states")
     latent_cells = pixels.any(dim=1)  # [B, F, H, W]
     return _pool_any(latent_cells, patch)
 
@@ -87,7 +102,8 @@ def expected_pixel_shape(grid: tuple[int, int, int], patch: tuple[int, int, int]
 def mask_to_token_grid(mask: torch.Tensor, grid: tuple[int, int, int], patch: tuple[int, int, int]) -> torch.Tensor:
     """Accept a token-grid mask ``[(B,) F', H', W']`` or a pixel mask video ``[(B,) F, H, W]``.
 
-    Returns a bool ``[B, F', H', W']``. Raises ``ValueError`` naming both expected grids when the
+    Returns a bool ``[B, F', H', W']``: a value above 0.5 is edited, in either form (a warning says
+    so for a mask that is not binary). Raises ``ValueError`` naming both expected grids when the
     shape fits neither.
     """
     if not isinstance(mask, torch.Tensor) or mask.dim() not in (3, 4):
@@ -96,10 +112,10 @@ def mask_to_token_grid(mask: torch.Tensor, grid: tuple[int, int, int], patch: tu
     batched = mask if mask.dim() == 4 else mask.unsqueeze(0)
     spatial = tuple(batched.shape[1:])
     if spatial == tuple(grid):
-        return batched.bool()
+        return binarize(batched, "the token-grid mask")
     pixel_shape = expected_pixel_shape(grid, patch)
     if spatial == pixel_shape:
-        pixels = batched.float() > 0.5
+        pixels = binarize(batched, "the pixel mask")
         first, rest = pixels[:, :1], pixels[:, 1:]
         latent_frames = torch.cat([first, rest.reshape(rest.shape[0], -1, PIXEL_FACTORS[0],
                                                        *rest.shape[2:]).any(dim=2)], dim=1)
@@ -122,9 +138,12 @@ class MaskStore:
         else:
             self._masks[model] = mask.detach()
 
-    def lookup(self, parameter_ids: frozenset[int]) -> torch.Tensor | None:
+    def lookup(self, parameter: torch.Tensor | None) -> torch.Tensor | None:
+        """The mask set on the model that owns ``parameter`` (a parameter a compiled graph received)."""
+        if parameter is None:
+            return None
         for model, mask in list(self._masks.items()):
-            if any(id(p) in parameter_ids for p in model.parameters()):
+            if any(p is parameter for p in model.parameters()):
                 return mask
         return None
 

@@ -1,143 +1,90 @@
-"""The runtime: the callable the backend hands back to Dynamo.
+"""The runtime: the callable the backend hands back to Dynamo for a rewritten graph.
 
-Per call it (1) finds the CFG branch, (2) starts a new run when the timestep went up or a
-conditioning input changed, (3) runs the probe and asks the branch's scheduler for the step
-kind, (4) calls that variant inside a ``hetcache::<kind>`` profiler range, and (5) keeps the
-stack residual of computed steps for the reuse steps after them. All step state lives here,
-never in the compiled graphs, so no value of it can cause a recompilation.
+Per call it (1) finds the model instance and its CFG branch, (2) starts a new run when the
+timestep went up or a conditioning input changed, (3) runs the probe and asks the branch's
+scheduler for the step kind, (4) calls that variant inside a ``hetcache::<kind>`` profiler range,
+and (5) keeps what computed steps produce for the steps after them. All step state lives here,
+never in the compiled graphs, so no value of it can cause a recompilation. The pieces it uses
+each do one job: ``InputLayout`` (where the inputs are), ``InstanceTable`` (state per model),
+``BranchTable`` (CFG branches), ``MaskSource`` (the edit mask), ``CacheBudget`` (memory).
 """
 
 from __future__ import annotations
 
 import logging
 import weakref
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 
+from .branches import BranchState, BranchTable
+from .budget import CacheBudget
 from .compiled import CompiledVariant
 from .config import HetCacheConfig
 from .fingerprint import FingerprintCache
+from .instances import InstanceTable
+from .layout import InputLayout
+from .masks import MaskSource
 from .passes import GraphAnalysis, Variants
-from .passes.graph_utils import output_node, placeholders
-from .priors import (
-    USER_MASKS,
-    VACE_MASK_CHANNELS,
-    TokenClasses,
-    classify_tokens,
-    mask_from_vace_control,
-    mask_to_token_grid,
-)
-from .schedule import StepKind, StepScheduler, make_scheduler
+from .priors import TokenClasses
+from .schedule import StepKind, make_scheduler
 from .selection import complement, relevance, select_tokens
 from .stats import BranchStats
 
 logger = logging.getLogger("hetcache_compile")
 
-# Runtimes alive now, so that ``stats(model)`` & co. can find a model's runtimes by its
-# parameters. Filled when a graph is compiled, never at import time; entries vanish with Dynamo's cache.
+# Runtimes alive now, so that ``stats(model)`` & co. can find a model's runtimes. Filled when a
+# graph is compiled, never at import time; entries vanish with Dynamo's cache.
 LIVE_RUNTIMES: weakref.WeakSet = weakref.WeakSet()
 
 
 @dataclass
-class BranchState:
-    """Everything one CFG branch remembers between calls."""
+class InstanceState:
+    """What one model instance keeps for one compiled graph: its branches and what was said."""
 
-    scheduler: StepScheduler
-    stats: BranchStats
-    residual: torch.Tensor | None = None
-    exit: torch.Tensor | None = None  # final hidden states of all tokens (partial scatter target)
-    # k0, v0, k1, v1, ... (all tokens after a full step, the rows outside S once S is chosen) or a0, a1, ...
-    site_caches: list[torch.Tensor] = field(default_factory=list)
-    selection: torch.Tensor | None = None  # S, chosen after the last full step
-    pending_selection: tuple | None = None  # (query, key) of the last full step, until S is chosen
-    classes: TokenClasses | None = None
-    last_timestep: float | None = None
-    conditioning: tuple | None = None
-    reuse_order: int = 0  # 1: reuse steps extrapolate the residual linearly in the timestep
-    residual_timestep: float | None = None  # timestep of the call that computed ``residual``
-    residual_slope: torch.Tensor | None = None  # d residual / d timestep over the last two computed steps
+    branches: BranchTable
+    calls: int = 0
+    said: set[str] = field(default_factory=set)
+    fingerprint: FingerprintCache = field(default_factory=FingerprintCache)
 
-    def reset(self) -> None:
-        self.scheduler.reset()
-        self.residual = self.exit = self.selection = self.classes = self.pending_selection = None
-        self.residual_timestep = self.residual_slope = None
-        self.site_caches = []
-        self.last_timestep = None
-        self.stats.history = []
-        self.stats.cache_bytes = 0
-
-    def store(self, residual: torch.Tensor, exit: torch.Tensor | None, site_caches: Sequence[torch.Tensor]) -> None:
-        """Keep what a computed (full or partial) step of the current call produced."""
-        # Compiled variants are specialised to their inputs' strides: keep every cache contiguous.
-        residual, exit = _contiguous(residual), _contiguous(exit)
-        self._update_slope(residual)
-        self.residual, self.exit, self.site_caches = residual, exit, [_contiguous(t) for t in site_caches]
-        self.residual_timestep = self.last_timestep
-        tensors = [residual, *([exit] if exit is not None else []), *self.site_caches,
-                   *([self.residual_slope] if self.residual_slope is not None else [])]
-        self.stats.cache_bytes = sum(t.numel() * t.element_size() for t in tensors)
-
-    def reuse_residual(self) -> torch.Tensor:
-        """The residual a reuse step adds: the last one, or (``reuse_order=1``) its linear extrapolation
-        to this call's timestep from the last two computed steps, as TaylorSeer does for features."""
-        if self.residual_slope is None or self.last_timestep is None:
-            return self.residual
-        return torch.add(self.residual, self.residual_slope, alpha=self.last_timestep - self.residual_timestep)
-
-    def _update_slope(self, residual: torch.Tensor) -> None:
-        previous, t0, t1 = self.residual, self.residual_timestep, self.last_timestep
-        if (self.reuse_order == 0 or previous is None or t0 is None or t1 is None or t1 == t0
-                or previous.shape != residual.shape):
-            self.residual_slope = None
-            return
-        self.residual_slope = (residual - previous) / (t1 - t0)
-
-
-def _contiguous(tensor: torch.Tensor | None) -> torch.Tensor | None:
-    return tensor if tensor is None or tensor.is_contiguous() else tensor.contiguous()
+    def say_once(self, message: str) -> None:
+        if message not in self.said:
+            self.said.add(message)
+            logger.warning("hetcache: %s", message)
 
 
 class HetCacheRuntime:
     """Dispatches each call of one Dynamo graph to its full, partial or reuse variant.
 
-    Not thread-safe: one denoising loop at a time, as in diffusers pipelines.
+    Not thread-safe: one denoising loop at a time per model, as in diffusers pipelines.
     """
 
+    fallback_reason: str | None = None
+
     def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[object], analysis: GraphAnalysis,
-                 variants: Variants, config: HetCacheConfig):
+                 variants: Variants, config: HetCacheConfig, frame_id: int = 0):
         self.config = config
         self.analysis = analysis
-        self.fallback_reason: str | None = None
-        names = [n.name for n in placeholders(gm.graph)]
-        index = {name: i for i, name in enumerate(names)}
-        self.num_outputs = len(output_node(gm.graph).args[0])
+        self.frame_id = frame_id  # Dynamo's frame: the lowest among a model's graphs counts model calls
+        self.layout = InputLayout.of(gm, example_inputs, analysis)
         self.parameter_ids = frozenset(id(x) for x in example_inputs if isinstance(x, torch.nn.Parameter))
-        self.text_index = [index[n] for n in analysis.text_inputs]
-        self.timestep_index = index[analysis.modulation.timestep_input] if analysis.modulation else None
-        self.conditioning_index = _conditioning_indices(analysis, index)
-        self.full = CompiledVariant("full", variants.full, config.inner_backend)
-        self.record = (CompiledVariant("record", variants.record, config.inner_backend)
-                       if variants.record is not None else None)
-        self.reuse = CompiledVariant("reuse", variants.reuse, config.inner_backend)
-        self.partial = (CompiledVariant("partial", variants.partial, config.inner_backend, specialize_on=len(names))
+        self.full = CompiledVariant("full", variants.full, config)
+        self.record = CompiledVariant("record", variants.record, config) if variants.record is not None else None
+        self.reuse = CompiledVariant("reuse", variants.reuse, config)
+        self.partial = (CompiledVariant("partial", variants.partial, config, specialize_on=len(example_inputs))
                         if variants.partial is not None else None)
         self.partial_note = variants.partial_refused
         self.num_caches = len(variants.cached_sites) * variants.caches_per_site
-        self.recorded_bytes = (variants.recorded_bytes(example_inputs, self.num_outputs)
-                               if config.max_cache_bytes is not None else 0)
+        recorded = (variants.recorded_bytes(example_inputs, self.layout.num_outputs)
+                    if config.max_cache_bytes is not None else 0)
+        self.budget = CacheBudget(config.max_cache_bytes, recorded)
+        self.masks = MaskSource(self.layout, analysis.token_grid, config.margin_radius) if self.partial else None
         self.relevance_site = variants.relevance_site
         self.grid = analysis.token_grid
-        self.latent_index = index[self.grid.latent_input] if self.grid is not None else None
-        self.control_index = _vace_control_index(names, example_inputs, self.grid)
         self.probe = variants.probe
-        self.branches: OrderedDict[tuple, BranchState] = OrderedDict()
-        self.finished: list[BranchStats] = []  # stats of evicted branches, kept for totals
-        self._said: set[str] = set()
-        self._fingerprint = FingerprintCache()
+        self.instances: InstanceTable[InstanceState] = InstanceTable(self._new_instance)
         LIVE_RUNTIMES.add(self)
 
     @property
@@ -154,18 +101,28 @@ class HetCacheRuntime:
     def variants(self) -> list[CompiledVariant]:
         return [v for v in (self.full, self.record, self.partial, self.reuse) if v is not None]
 
-    def branch_stats(self) -> list[BranchStats]:
-        return self.finished + [state.stats for state in self.branches.values()]
+    def serves(self, parameter_ids: set[int]) -> bool:
+        """Whether this graph was compiled from, or has run for, the model owning ``parameter_ids``."""
+        return bool(self.parameter_ids & parameter_ids) or bool(self.instances.matching(parameter_ids))
 
-    def reset(self) -> None:
-        """Forget all caches; the next call of every branch is the first of a new run."""
-        for state in self.branches.values():
-            state.reset()
+    def branch_stats(self, parameter_ids: set[int]) -> list[BranchStats]:
+        return [s for inst in self.instances.matching(parameter_ids) for s in inst.branches.stats()]
+
+    def calls(self, parameter_ids: set[int]) -> int:
+        return sum(inst.calls for inst in self.instances.matching(parameter_ids))
+
+    def reset(self, parameter_ids: set[int] | None = None) -> None:
+        """Forget the caches of the model owning ``parameter_ids`` (every model's with None)."""
+        found = self.instances.values() if parameter_ids is None else self.instances.matching(parameter_ids)
+        for instance in found:
+            instance.branches.reset()
 
     # -- the call path ------------------------------------------------------------------------
     def __call__(self, *args):
-        state = self._branch(args)
-        self._maybe_start_new_run(state, args)
+        instance = self.instances.get(self.layout.instance_key(args))
+        instance.calls += 1
+        state = instance.branches.lookup(self.layout.branch_key(args, instance.fingerprint))
+        self._maybe_start_new_run(instance, state, args)
         modulation = self._run_probe(args) if self.config.schedule == "adaptive" else None
         kind = self._feasible(state, state.scheduler.next_kind(modulation))
         with torch.profiler.record_function(f"hetcache::{kind.value}"):
@@ -174,10 +131,16 @@ class HetCacheRuntime:
             elif kind is StepKind.PARTIAL:
                 outputs = self._partial_step(state, args)
             else:
-                outputs = self._full_step(state, args)
+                outputs = self._full_step(instance, state, args)
         state.stats.record(kind.value)
         logger.debug("branch %s call %d: %s", state.stats.name, state.scheduler.calls, kind.value)
         return tuple(outputs)
+
+    def _new_instance(self) -> InstanceState:
+        def make_branch(name: str) -> BranchState:
+            return BranchState(scheduler=make_scheduler(self.config), stats=BranchStats(name),
+                               reuse_order=self.config.reuse_order)
+        return InstanceState(branches=BranchTable(self.config.max_branches, make_branch))
 
     def _feasible(self, state: BranchState, kind: StepKind) -> StepKind:
         if kind is StepKind.REUSE and state.residual is None:
@@ -187,28 +150,17 @@ class HetCacheRuntime:
             return StepKind.FULL
         return kind
 
-    def _records(self, state: BranchState) -> bool:
+    def _records(self, instance: InstanceState, state: BranchState) -> bool:
         """Whether full steps must record caches: only when partial steps can follow and the caches fit."""
         may_be_partial = self.config.schedule == "adaptive" or "P" in self.config.schedule
         if self.record is None or state.classes is None or not may_be_partial:
             return False
-        return self._caches_fit(state)
+        others = (s.stats.cache_bytes for s in instance.branches.others(state))
+        return self.budget.admits(others, instance.say_once)
 
-    def _caches_fit(self, state: BranchState) -> bool:
-        limit = self.config.max_cache_bytes
-        if limit is None:
-            return True
-        others = sum(s.stats.cache_bytes for s in self.branches.values() if s is not state)
-        if others + self.recorded_bytes <= limit:
-            return True
-        self._say_once(f"partial-step caches of {self.recorded_bytes / 2**20:.1f} MiB a branch do not fit "
-                       f"max_cache_bytes={limit} beside the other branches' caches: a branch that cannot "
-                       "record takes full and reuse steps only")
-        return False
-
-    def _full_step(self, state: BranchState, args: Sequence[object]) -> list:
-        n = self.num_outputs
-        if not self._records(state):
+    def _full_step(self, instance: InstanceState, state: BranchState, args: Sequence[object]) -> list:
+        n = self.layout.num_outputs
+        if not self._records(instance, state):
             outputs = self.full(*args)
             state.store(outputs[n], None, [])
             state.selection = state.pending_selection = None
@@ -234,7 +186,7 @@ class HetCacheRuntime:
         attention_prune = self.config.prune == "attention"
         caches = state.site_caches if attention_prune else [state.exit, *state.site_caches]
         outputs = self.partial(*args, state.selection, *caches)
-        n = self.num_outputs
+        n = self.layout.num_outputs
         residual, exit, *site_caches = outputs[n:]
         state.store(residual, exit, site_caches if attention_prune else state.site_caches)
         state.stats.token_fractions.append(state.selection.numel() / state.classes.num_tokens)
@@ -253,32 +205,9 @@ class HetCacheRuntime:
         with torch.profiler.record_function("hetcache::probe"):
             return self.probe(*args)[0]
 
-    def _branch(self, args: Sequence[object]) -> BranchState:
-        key = tuple(self._fingerprint(args[i]) for i in self.text_index)
-        state = self.branches.get(key)
-        if state is None:
-            state = self._new_branch(key)
-        self.branches.move_to_end(key)
-        return state
-
-    def _new_branch(self, key: tuple) -> BranchState:
-        if len(self.branches) >= self.config.max_branches:
-            _, evicted = self.branches.popitem(last=False)
-            logger.info("dropping the caches of branch %s (max_branches=%d)",
-                        evicted.stats.name, self.config.max_branches)
-            evicted.reset()
-            self.finished.append(evicted.stats)
-        names = ("cond", "uncond")
-        count = len(self.branches) + len(self.finished)
-        name = names[count] if count < len(names) else f"branch{count}"
-        state = BranchState(scheduler=make_scheduler(self.config), stats=BranchStats(name),
-                            reuse_order=self.config.reuse_order)
-        self.branches[key] = state
-        return state
-
-    def _maybe_start_new_run(self, state: BranchState, args: Sequence[object]) -> None:
-        timestep = float(args[self.timestep_index].flatten()[0]) if self.timestep_index is not None else None
-        conditioning = tuple(self._fingerprint(args[i]) for i in self.conditioning_index)
+    def _maybe_start_new_run(self, instance: InstanceState, state: BranchState, args: Sequence[object]) -> None:
+        timestep = self.layout.timestep_value(args)
+        conditioning = self.layout.conditioning_key(args, instance.fingerprint)
         went_up = timestep is not None and state.last_timestep is not None and timestep > state.last_timestep
         changed = state.conditioning is not None and conditioning != state.conditioning
         first = state.scheduler.calls == 0
@@ -288,53 +217,10 @@ class HetCacheRuntime:
             state.reset()
         if first or went_up or changed:
             state.stats.runs += 1
-            state.classes = self._token_classes(args)
+            state.classes = self._token_classes(instance, args)
         state.last_timestep = timestep
         state.conditioning = conditioning
 
-    def _token_classes(self, args: Sequence[object]) -> TokenClasses | None:
-        """G, M, C for this run from the user's mask or VACE's control mask; None: no partial steps."""
-        if self.partial is None:
-            return None
-        grid, patch = self.grid.grid, self.grid.patch
-        user_mask = USER_MASKS.lookup(self.parameter_ids)
-        if user_mask is not None:
-            mask = mask_to_token_grid(user_mask, grid, patch)
-        elif self.control_index is not None:
-            mask = mask_from_vace_control(args[self.control_index], patch)
-        else:
-            self._say_once("no mask: no input carries one and set_mask was not called; step-level caching only")
-            return None
-        batch = args[self.latent_index].shape[0]
-        if mask.shape[0] not in (1, batch):
-            raise ValueError(f"hetcache mask has batch {mask.shape[0]} but the model input has batch {batch}; "
-                             "pass one mask per sample or a single mask for all")
-        merged = mask.any(dim=0).cpu()  # S is shared by the batch: the union of every sample's edit
-        if not merged.any():
-            self._say_once("empty mask: nothing is edited, so no partial steps (step-level caching only)")
-            return None
-        return classify_tokens(merged, self.config.margin_radius)
-
-    def _say_once(self, message: str) -> None:
-        if message not in self._said:
-            self._said.add(message)
-            logger.warning("hetcache: %s", message)
-
-
-def _vace_control_index(names: Sequence[str], example_inputs: Sequence[object], grid) -> int | None:
-    """Position of VACE's ``control_hidden_states`` input (5-D, >= 64 channels, latent-sized), if any."""
-    if grid is None:
-        return None
-    for i, (name, value) in enumerate(zip(names, example_inputs)):
-        if "control_hidden_states" in name and isinstance(value, torch.Tensor) and value.dim() == 5 \
-                and value.shape[1] >= VACE_MASK_CHANNELS and tuple(value.shape[2:]) == grid.latent_shape[2:]:
-            return i
-    return None
-
-
-def _conditioning_indices(analysis: GraphAnalysis, index: dict[str, int]) -> list[int]:
-    """User inputs that stay fixed through a run (e.g. VACE's control video): a change means a new video."""
-    skip = set(analysis.region.stream_sources) | set(analysis.text_inputs)
-    if analysis.modulation is not None:
-        skip.add(analysis.modulation.timestep_input)
-    return [index[name] for name in analysis.user_inputs if name not in skip]
+    def _token_classes(self, instance: InstanceState, args: Sequence[object]) -> TokenClasses | None:
+        """G, M, C for this run; None: no partial steps."""
+        return None if self.masks is None else self.masks.token_classes(args, instance.say_once)

@@ -31,10 +31,12 @@ class BranchStats:
 class HetCacheStats:
     """Totals over every compiled graph of a model and every branch.
 
-    ``steps["full"|"partial"|"reuse"]`` counts transformer calls of each kind, summed over
-    branches; ``branches`` has the per-branch detail; ``compile_seconds`` maps variant name to
-    the seconds its inner compilation took; ``fallback_reasons`` lists why graphs were left to
-    plain Inductor (empty when every graph was rewritten).
+    ``steps["full"|"partial"|"reuse"]`` counts model calls of each kind, summed over branches (a
+    call no rewritten graph served is full); ``calls`` counts model calls and ``graph_calls`` the
+    calls of its graphs (more when graph breaks split the model); ``branches`` has the per-branch
+    detail; ``compile_seconds`` maps variant name to the seconds its inner compilation took;
+    ``fallback_reasons`` lists why graphs were left to plain Inductor (empty when every graph was
+    rewritten).
     """
 
     steps: dict[str, int] = field(default_factory=_empty_steps)
@@ -44,10 +46,13 @@ class HetCacheStats:
     cache_bytes: int = 0
     fallback_reasons: list[str] = field(default_factory=list)
     graphs: int = 0
+    graph_calls: int = 0
+    model_calls: int = 0
 
     @property
     def calls(self) -> int:
-        return sum(self.steps.values())
+        """Model calls (the calls of the graph that starts the model's forward)."""
+        return self.model_calls
 
     @property
     def token_fraction(self) -> float | None:
@@ -73,6 +78,8 @@ class HetCacheStats:
     def summary(self) -> str:
         parts = [f"{kind}={self.steps[kind]}" for kind in STEP_KINDS]
         text = f"hetcache: {self.calls} calls ({', '.join(parts)}), cache {self.cache_bytes / 2**20:.1f} MiB"
+        if self.graphs > 1:
+            text += f", {self.graphs} graphs ({self.graph_calls} graph calls)"
         if self.token_fraction is not None:
             text += f", partial steps computed {100 * self.token_fraction:.0f}% of tokens"
         if self.fallback_reasons:

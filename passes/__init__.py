@@ -11,6 +11,7 @@ from .pipeline import GraphAnalysis, Variants, analyze, build_variants
 from .probe import ModulationSignal, extract_probe, find_modulation
 from .record import build_full_variant
 from .reuse import RESIDUAL_INPUT, build_reuse_variant
+from .specialize import is_symbolic, specialization_key, specialize_shapes
 from .token_axis import check_token_local, find_token_inputs
 from .token_region import TokenRegion, find_token_region
 
@@ -35,4 +36,7 @@ __all__ = [
     "find_attention_sites",
     "find_modulation",
     "find_token_region",
+    "is_symbolic",
+    "specialization_key",
+    "specialize_shapes",
 ]

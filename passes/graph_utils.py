@@ -6,13 +6,17 @@ except where a docstring says it edits the graph it is given.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import operator
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 _DYNAMO_MODULE_PREFIX = re.compile(r"^L\['self'\]\.?")
 _DICT_MODULES = re.compile(r"__dict__\['_modules'\]\['([^']+)'\]")
@@ -77,8 +81,9 @@ def output_node(graph: fx.Graph) -> fx.Node:
     return next(node for node in reversed(graph.nodes) if node.op == "output")
 
 
-_METADATA_ONLY_METHODS = {"new_zeros", "new_ones", "new_empty", "new_full"}
-_METADATA_ONLY_FUNCTIONS = {torch.empty_like, torch.zeros_like, torch.ones_like}
+_METADATA_ONLY_METHODS = {"new_zeros", "new_ones", "new_empty", "new_full", "size", "dim", "stride", "numel"}
+_METADATA_ONLY_FUNCTIONS = {torch.empty_like, torch.zeros_like, torch.ones_like, torch.ops.aten.sym_size.int,
+                            torch.ops.aten.sym_stride.int, torch.ops.aten.sym_numel.default}
 
 
 def data_inputs(node: fx.Node) -> list[fx.Node]:
@@ -88,6 +93,8 @@ def data_inputs(node: fx.Node) -> list[fx.Node]:
     if node.op == "call_method" and node.target in _METADATA_ONLY_METHODS:
         return []
     if node.op == "call_function" and node.target in _METADATA_ONLY_FUNCTIONS:
+        return []
+    if node.op == "call_function" and node.target is getattr and node.args[1] in ("shape", "dtype", "device", "ndim"):
         return []
     return node.all_input_nodes
 
@@ -174,3 +181,48 @@ def finalize(gm: fx.GraphModule) -> fx.GraphModule:
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def reads_scalars(gm: fx.GraphModule) -> bool:
+    """Whether ``gm`` reads a tensor's value into Python (``.item()``)."""
+    return any(n.op == "call_method" and n.target == "item" for n in gm.graph.nodes)
+
+
+def static_fake_mode(scalars: bool = True) -> FakeTensorMode:
+    """A fake-tensor mode with static shapes; with ``scalars`` it also allows ``.item()`` (an unbacked
+    scalar), at about three times the cost per op.
+
+    Dynamo turns float attributes (LoRA scales, norm epsilons under ``dynamic=True``) into 0-d tensor
+    inputs read with ``.item()``; a fake mode without a shape environment refuses that.
+    """
+    shape_env = ShapeEnv() if scalars else None
+    return FakeTensorMode(allow_non_fake_inputs=True, shape_env=shape_env, static_shapes=True)
+
+
+@contextlib.contextmanager
+def quiet_fake_tensor_errors() -> Iterator[None]:
+    """Silence the traceback torch logs when an op fails on fake tensors: the caller handles the error."""
+    fake_logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = fake_logger.level
+    fake_logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        fake_logger.setLevel(level)
+
+
+def describe(node: fx.Node) -> str:
+    """A name for ``node`` that stays the same between compiles: its op and owning module.
+
+    FX node names (``hidden_states_30``) are numbered by trace order and change with the graph;
+    error messages name ``add in blocks.3.ffn`` instead.
+    """
+    target = node.target
+    if node.op == "call_function":
+        op = getattr(target, "__name__", str(target))
+    elif node.op in ("call_method", "call_module"):
+        op = str(target)
+    else:
+        op = node.op
+    paths = module_paths(node)
+    return f"{op} in {paths[-1]}" if paths else f"{op} (top level)"

@@ -19,7 +19,7 @@ from .attention import AttentionSite, attention_operand, find_attention_sites
 from .errors import PassFailed, RewriteRefused
 from .graph_utils import ancestors, is_state_placeholder, output_node, placeholders
 from .partial import build_attention_partial_variant, build_partial_variant, cache_input_names
-from .probe import ModulationSignal, extract_probe, find_modulation
+from .probe import ModulationSignal, extract_probe, find_modulation, find_timestep_input
 from .record import build_full_variant
 from .reuse import RESIDUAL_INPUT, build_reuse_variant
 from .token_axis import (
@@ -43,6 +43,7 @@ class GraphAnalysis:
     sites: tuple[AttentionSite, ...]
     region: TokenRegion
     modulation: ModulationSignal | None
+    timestep_input: str | None  # the diffusion timestep: runs are told apart by it going up
     text_inputs: tuple[str, ...]
     token_inputs: dict[str, int]  # region input -> token dim; empty when partial steps are refused
     token_grid: TokenGrid | None = None
@@ -84,6 +85,7 @@ class GraphAnalysis:
             f"shape {list(r.exit_shape)}",
             f"  activations entering it: {', '.join(self._activation_inputs())}",
         ]
+        lines.append(f"timestep input: {self.timestep_input or 'none found (no runs of steps: nothing is reused)'}")
         if self.modulation is None:
             lines.append("timestep-embedding probe: none found (adaptive schedule unavailable)")
         else:
@@ -160,13 +162,13 @@ def analyze(gm: fx.GraphModule, example_inputs: Sequence[object]) -> GraphAnalys
     outside = [s for s in sites if s.node not in region.nodes]
     if outside:
         raise RewriteRefused(f"attention '{outside[0].module}' lies outside the block stack")
-    modulation = run_pass("probe", find_modulation, gm, region, user_inputs)
+    timestep_input = run_pass("timestep", find_timestep_input, gm, user_inputs, region.stream_sources)
+    modulation = run_pass("probe", find_modulation, gm, region, user_inputs, timestep_input)
     text_inputs = _text_inputs(gm, sites, user_inputs)
-    state_inputs = {n.name for n in nodes} - user_inputs
     token_inputs, partial_refused = {}, None
     token_grid = run_pass("token_grid", find_token_grid, gm, region, user_inputs)
     try:
-        token_inputs = run_pass("token_axis", find_token_inputs, gm, region, state_inputs)
+        token_inputs = run_pass("token_axis", find_token_inputs, gm, region, user_inputs)
         if token_grid is None:
             raise RewriteRefused("no 5-D latent video input cut into a patch grid: the mask cannot be placed")
     except RewriteRefused as refused:
@@ -176,6 +178,7 @@ def analyze(gm: fx.GraphModule, example_inputs: Sequence[object]) -> GraphAnalys
         sites=tuple(sites),
         region=region,
         modulation=modulation,
+        timestep_input=timestep_input,
         text_inputs=text_inputs,
         token_inputs=token_inputs,
         token_grid=token_grid,

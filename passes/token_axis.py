@@ -1,11 +1,15 @@
 """Token axis: which region inputs carry tokens, and proof that the region is token-local.
 
 Contract:
-- ``find_token_inputs(gm, region, state_inputs)`` returns ``{input name: token dim}`` for the
+- ``find_token_inputs(gm, region, user_inputs)`` returns ``{input name: token dim}`` for the
   region inputs that carry one row per token (the hidden stream, the control stream, the RoPE
-  tables): non-parameter tensors with a dimension of size ``region.num_tokens``. Where several
-  dimensions have that size (a head dim equal to the token count) the first one is the token
-  axis, as in every DiT layout ``[B, N, ...]``; the fake-tensor check below catches a wrong pick.
+  tables). Which inputs those are is decided from the graph's structure, never from sizes alone
+  (a hidden size can equal the token count: Wan 1.3B at 256x256 x 21 frames has 1536 of each):
+  a token input's values derive only from video inputs (5-D user inputs such as the latents and
+  VACE's control video) or from no user input at all (position tables built from buffers). The
+  timestep modulation and the text embeddings derive from other inputs and are never token
+  inputs. Within a token input the token axis is the first dimension of size ``num_tokens``, as in
+  every DiT layout ``[B, N, ...]``; the fake-tensor check below catches a wrong pick.
 - ``check_token_local(original, rewritten, region, num_selected)`` compares the shapes Dynamo
   recorded in ``original`` with those of ``rewritten`` propagated on fake tensors with
   ``num_selected`` tokens. Every region op that reads a token axis must keep it (row i of its
@@ -22,28 +26,44 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from .errors import RewriteRefused
-from .graph_utils import ancestors, example_value, placeholders, tensor_shape
+from .graph_utils import (
+    ancestors,
+    describe,
+    example_value,
+    placeholders,
+    quiet_fake_tensor_errors,
+    reads_scalars,
+    static_fake_mode,
+    tensor_shape,
+)
 from .token_region import TokenRegion
 
 GATHER_PREFIX = "hetcache_gather"
 
 
-def find_token_inputs(gm: fx.GraphModule, region: TokenRegion, state_inputs: set[str]) -> dict[str, int]:
+def find_token_inputs(gm: fx.GraphModule, region: TokenRegion, user_inputs: set[str]) -> dict[str, int]:
     by_name = {n.name: n for n in gm.graph.nodes}
+    video_inputs = {n.name for n in placeholders(gm.graph)
+                    if n.name in user_inputs and len(tensor_shape(n) or ()) == 5}
     token_inputs = {}
     for name in region.inputs:
-        shape = tensor_shape(by_name[name])
-        if name in state_inputs or shape is None:
-            continue
+        node = by_name[name]
+        shape = tensor_shape(node)
+        if node.op == "placeholder" and name not in user_inputs or shape is None:
+            continue  # parameters and buffers
+        sources = {n.name for n in ancestors([node], values_only=True)
+                   if n.op == "placeholder" and n.name in user_inputs}
+        if not sources <= video_inputs:
+            continue  # derived from the timestep or the text: no token axis, whatever its sizes
         dims = [i for i, size in enumerate(shape) if size == region.num_tokens]
         if dims:
             token_inputs[name] = dims[0]
     if region.stream_input not in token_inputs:
-        raise RewriteRefused(f"the token stream '{region.stream_input}' has no axis of {region.num_tokens} tokens")
+        raise RewriteRefused(f"the token stream entering {region.main_stack} has no axis of {region.num_tokens} "
+                             "tokens derived from a 5-D video input")
     return token_inputs
 
 
@@ -76,10 +96,14 @@ def find_token_grid(gm: fx.GraphModule, region: TokenRegion, user_inputs: set[st
 
 
 def propagate_fake_shapes(gm: fx.GraphModule, example_inputs: Sequence[object]) -> None:
-    """Fill ``node.meta['val']`` of ``gm`` by running it on fake copies of ``example_inputs``."""
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    """Fill ``node.meta['val']`` of ``gm`` by running it on fake copies of ``example_inputs``.
+
+    Errors propagate (callers turn them into refusals); torch's own traceback log is silenced.
+    """
+    mode = static_fake_mode(scalars=reads_scalars(gm))
     fakes = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
-    FakeTensorProp(gm, mode).propagate(*fakes)
+    with quiet_fake_tensor_errors():
+        FakeTensorProp(gm, mode).propagate(*fakes)
 
 
 def _token_dims(original: tuple[int, ...], new: tuple[int, ...], tokens: int, selected: int) -> set[int]:
@@ -106,8 +130,8 @@ def check_token_local(original: fx.GraphModule, rewritten: fx.GraphModule, regio
         carries[node.name] = bool(_token_dims(old_shape, new_shape, tokens, num_selected))
         if reads_tokens and not carries[node.name]:
             raise RewriteRefused(
-                f"'{node.name}' ({getattr(node.target, '__name__', node.target)}) is not token-local: "
-                f"its output {list(old_shape)} loses the token axis"
+                f"{describe(node)} is not token-local: its output {list(old_shape)} loses the token axis, "
+                "so the blocks cannot run on a subset of tokens (partial steps off; full and reuse steps still run)"
             )
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 
 from .errors import RewriteRefused
-from .graph_utils import ancestors, owning_block, split_block_path, tensor_shape
+from .graph_utils import ancestors, describe, owning_block, split_block_path, tensor_shape
 
 _ADD_TARGETS = (operator.add, torch.add, operator.iadd)
 
@@ -48,8 +48,9 @@ def _block_output(nodes: list[fx.Node], block: str) -> fx.Node:
     escaping = [n for n in owned if any(u not in owned for u in n.users)]
     tensors = [n for n in escaping if tensor_shape(n) is not None and len(tensor_shape(n)) == 3]
     if len(tensors) != 1:
-        names = ", ".join(sorted(n.name for n in escaping)) or "nothing"
-        raise RewriteRefused(f"block {block} does not return exactly one token tensor (escaping: {names})")
+        names = ", ".join(sorted({describe(n) for n in tensors})) or "none"
+        raise RewriteRefused(f"block {block} does not return exactly one 3-D token tensor (it returns: {names}); "
+                             "hetcache needs the last block to return the single token stream")
     return tensors[0]
 
 
@@ -95,8 +96,9 @@ def find_token_region(gm: fx.GraphModule) -> TokenRegion:
         outside = [u for u in node.users if u not in region]
         if outside:
             raise RewriteRefused(
-                f"'{node.name}' inside the block stack is also used after it (by '{outside[0].name}'); "
-                "only the final hidden states may leave the stack"
+                f"{describe(node)} inside the block stack is also used after it (by {describe(outside[0])}); "
+                "hetcache needs the stack to hand a single token stream to the output head (two-stream "
+                "blocks whose second stream leaves the stack are not supported yet)"
             )
 
     inputs = sorted({a for n in region for a in n.all_input_nodes if a not in region}, key=position.get)
@@ -107,10 +109,12 @@ def find_token_region(gm: fx.GraphModule) -> TokenRegion:
         if tensor_shape(a) == exit_shape and any(owning_block(u) == first_main for u in a.users)
     ]
     if len(stream_candidates) != 1:
-        raise RewriteRefused(
-            f"cannot tell which input of {first_main} is the token stream "
-            f"(candidates: {[a.name for a in stream_candidates]})"
-        )
+        why = (f"none of its inputs has the stack output's shape {list(exit_shape)} (the blocks change the "
+               "sequence, e.g. text tokens joined to image tokens)" if not stream_candidates else
+               f"{len(stream_candidates)} of its inputs have the stack output's shape {list(exit_shape)} "
+               f"({', '.join(sorted({describe(a) for a in stream_candidates}))})")
+        raise RewriteRefused(f"cannot tell which input of {first_main} is the token stream: {why}; hetcache "
+                             "needs one stream of that shape carried from the first block to the last")
 
     ordered_stacks = sorted(stacks, key=lambda s: min(position[n] for n in block_nodes
                                                        if split_block_path(owning_block(n))[0] == s))

@@ -29,21 +29,15 @@ def test_refused_graph_warns_once_and_matches_eager():
     x = torch.randn(1, 6, 16)
     expected = model(x)
     compiled = compile_hetcache(model, schedule="FR")
-    with pytest.warns(UserWarning, match="hetcache: not rewriting this graph .*only the final hidden states"):
+    with pytest.warns(UserWarning, match="hetcache: not rewriting this graph .*single token stream"):
         out = compiled(x)
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(compiled(x), expected)  # a second call ("R" in the schedule): still exact
     stats = hc.stats(model)
-    assert "used after it" in stats.fallback_reason
+    # the reason names the op and module, which stay the same between compiles (not FX node names)
+    assert "add in blocks.0 inside the block stack is also used after it" in stats.fallback_reason
     assert stats.steps == {"full": 2, "partial": 0, "reuse": 0}
     assert "rewrite refused" in hc.explain(model)
-
-
-def test_dynamic_shapes_are_refused_with_advice(transformer, inputs):
-    compiled = torch.compile(transformer, backend="hetcache", dynamic=True, options={"inner_backend": "aot_eager"})
-    with pytest.warns(UserWarning, match="dynamic=False"):
-        out = run(compiled, inputs)
-    torch.testing.assert_close(out, run(transformer, inputs))
 
 
 def test_backend_name_resolves_without_importing_the_package(tmp_path):

@@ -1,0 +1,82 @@
+"""Where the runtime finds what it needs among a graph's positional arguments."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from .fingerprint import FingerprintCache
+from .passes import GraphAnalysis
+from .passes.graph_utils import output_node, placeholders
+from .priors import VACE_MASK_CHANNELS
+
+
+@dataclass(frozen=True)
+class InputLayout:
+    """Positions of one graph's arguments, by role (None: the graph has no such input).
+
+    - ``instance``: a parameter, whose identity tells model instances apart;
+    - ``timestep``: the diffusion timestep (a run is a sequence of calls whose timestep falls);
+    - ``text``: inputs feeding cross-attention keys (CFG branches are told apart by them);
+    - ``conditioning``: other user inputs fixed through a run (VACE's control video), and the
+      scalar tensors Dynamo made of module attributes (a LoRA adapter's scale): a change starts a
+      new run, so nothing computed before it is reused after it;
+    - ``latent`` and ``control``: the 5-D latent video and VACE's ``control_hidden_states``.
+    """
+
+    num_outputs: int
+    instance: int | None
+    timestep: int | None
+    text: tuple[int, ...]
+    conditioning: tuple[int, ...]
+    latent: int | None
+    control: int | None
+
+    @classmethod
+    def of(cls, gm: fx.GraphModule, example_inputs: Sequence[object], analysis: GraphAnalysis) -> InputLayout:
+        names = [n.name for n in placeholders(gm.graph)]
+        index = {name: i for i, name in enumerate(names)}
+        skip = set(analysis.region.stream_sources) | set(analysis.text_inputs) | {analysis.timestep_input}
+        grid = analysis.token_grid
+        return cls(
+            num_outputs=len(output_node(gm.graph).args[0]),
+            instance=next((i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)), None),
+            timestep=index.get(analysis.timestep_input) if analysis.timestep_input else None,
+            text=tuple(index[n] for n in analysis.text_inputs),
+            conditioning=tuple(index[n] for n in analysis.user_inputs if n not in skip) + _scalar_attributes(
+                names, example_inputs, set(analysis.user_inputs)),
+            latent=index[grid.latent_input] if grid is not None else None,
+            control=_vace_control_index(names, example_inputs, grid),
+        )
+
+    def instance_key(self, args: Sequence[object]) -> torch.Tensor | None:
+        return None if self.instance is None else args[self.instance]
+
+    def timestep_value(self, args: Sequence[object]) -> float | None:
+        return None if self.timestep is None else float(args[self.timestep].flatten()[0])
+
+    def branch_key(self, args: Sequence[object], fingerprint: FingerprintCache) -> tuple:
+        return tuple(fingerprint(args[i]) for i in self.text)
+
+    def conditioning_key(self, args: Sequence[object], fingerprint: FingerprintCache) -> tuple:
+        return tuple(fingerprint(args[i]) for i in self.conditioning if isinstance(args[i], torch.Tensor))
+
+
+def _scalar_attributes(names: Sequence[str], example_inputs: Sequence[object], user_inputs: set[str]) -> tuple:
+    return tuple(i for i, (name, value) in enumerate(zip(names, example_inputs))
+                 if name not in user_inputs and isinstance(value, torch.Tensor)
+                 and not isinstance(value, torch.nn.Parameter) and value.numel() <= 1)
+
+
+def _vace_control_index(names: Sequence[str], example_inputs: Sequence[object], grid) -> int | None:
+    """Position of VACE's ``control_hidden_states`` input (5-D, >= 64 channels, latent-sized), if any."""
+    if grid is None:
+        return None
+    for i, (name, value) in enumerate(zip(names, example_inputs)):
+        if "control_hidden_states" in name and isinstance(value, torch.Tensor) and value.dim() == 5 \
+                and value.shape[1] >= VACE_MASK_CHANNELS and tuple(value.shape[2:]) == grid.latent_shape[2:]:
+            return i
+    return None
