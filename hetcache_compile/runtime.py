@@ -39,6 +39,11 @@ logger = logging.getLogger("hetcache_compile")
 # graph is compiled, never at import time; entries vanish with Dynamo's cache.
 LIVE_RUNTIMES: weakref.WeakSet = weakref.WeakSet()
 
+# The runtime where each model instance (by the id of its key parameter) last started a run. A model
+# runs one denoising loop at a time, so a run starting on another graph (another resolution, another
+# shape specialization) frees the caches the last run left there.
+_LAST_RUN: dict[int, weakref.ref] = {}
+
 
 @dataclass
 class InstanceState:
@@ -216,10 +221,20 @@ class HetCacheRuntime:
             logger.info("branch %s: new run (%s)", state.stats.name, why)
             state.reset()
         if first or went_up or changed:
+            self._free_other_graphs(args)
             state.stats.runs += 1
             state.classes = self._token_classes(instance, args)
         state.last_timestep = timestep
         state.conditioning = conditioning
+
+    def _free_other_graphs(self, args: Sequence[object]) -> None:
+        key = self.layout.instance_key(args)
+        slot = 0 if key is None else id(key)
+        previous = _LAST_RUN.get(slot)
+        runtime = previous() if previous is not None else None
+        if runtime is not None and runtime is not self:
+            runtime.reset(None if key is None else {slot})
+        _LAST_RUN[slot] = weakref.ref(self)
 
     def _token_classes(self, instance: InstanceState, args: Sequence[object]) -> TokenClasses | None:
         """G, M, C for this run; None: no partial steps."""

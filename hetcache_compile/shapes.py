@@ -21,6 +21,7 @@ import torch
 import torch.fx as fx
 
 from .config import HetCacheConfig
+from .instances import InstanceTable
 from .passes import specialization_key, specialize_shapes
 from .runtime import LIVE_RUNTIMES
 
@@ -41,6 +42,7 @@ class ShapeSpecializingRuntime:
         self.key_positions = [i for i, x in enumerate(example_inputs) if not isinstance(x, torch.nn.Parameter)]
         self.specialized: OrderedDict[tuple, tuple[Callable, tuple[int, ...]]] = OrderedDict()
         self.specializations = 0
+        self.retired: RetiredStats | None = None
 
     def __call__(self, *args):
         key = specialization_key([args[i] for i in self.key_positions])
@@ -69,7 +71,48 @@ class ShapeSpecializingRuntime:
         if len(self.specialized) > self.config.max_shapes:
             _, (evicted, _) = self.specialized.popitem(last=False)
             evicted.reset()
-            LIVE_RUNTIMES.discard(evicted)  # its statistics go with it
+            if self.retired is None:
+                self.retired = RetiredStats(evicted.frame_id)
+            self.retired.absorb(evicted)
+            LIVE_RUNTIMES.discard(evicted)
             logger.info("hetcache: dropped the variants of the least recently used shape (max_shapes=%d)",
                         self.config.max_shapes)
         return runtime, kept
+
+
+class RetiredStats:
+    """What ``stats()`` still reports about shape specializations dropped by ``max_shapes``: their
+    model calls and branch statistics, per model instance (their variants and caches are gone)."""
+
+    fallback_reason = None
+    report = "shape specializations dropped by max_shapes (statistics only)"
+
+    def __init__(self, frame_id: int):
+        self.frame_id = frame_id
+        self.parameter_ids: frozenset[int] = frozenset()
+        self.instances: InstanceTable[list] = InstanceTable(lambda: [0, []])  # [calls, branch stats]
+        LIVE_RUNTIMES.add(self)
+
+    def absorb(self, runtime) -> None:
+        for key, value in runtime.instances.items():
+            record = self.instances.get(key)
+            if isinstance(value, list):  # a fallback runtime counts calls only
+                record[0] += value[0]
+            else:
+                record[0] += value.calls
+                record[1].extend(value.branches.stats())
+
+    def serves(self, parameter_ids: set[int]) -> bool:
+        return bool(self.instances.matching(parameter_ids))
+
+    def calls(self, parameter_ids: set[int]) -> int:
+        return sum(record[0] for record in self.instances.matching(parameter_ids))
+
+    def branch_stats(self, parameter_ids: set[int]) -> list:
+        return [s for record in self.instances.matching(parameter_ids) for s in record[1]]
+
+    def variants(self) -> list:
+        return []
+
+    def reset(self, parameter_ids: set[int] | None = None) -> None:
+        pass

@@ -17,7 +17,7 @@ import torch.fx as fx
 
 from .attention import AttentionSite, attention_operand, find_attention_sites
 from .errors import PassFailed, RewriteRefused
-from .graph_utils import ancestors, is_state_placeholder, output_node, placeholders
+from .graph_utils import ancestors, example_value, is_state_placeholder, output_node, placeholders
 from .partial import build_attention_partial_variant, build_partial_variant, cache_input_names
 from .probe import ModulationSignal, extract_probe, find_modulation, find_timestep_input
 from .record import build_full_variant
@@ -157,14 +157,15 @@ def analyze(gm: fx.GraphModule, example_inputs: Sequence[object]) -> GraphAnalys
 
     sites = run_pass("attention", find_attention_sites, gm, user_inputs)
     if not any(site.kind == "self" for site in sites):
-        raise RewriteRefused("no self-attention found in the graph")
+        raise RewriteRefused("no self-attention found in the graph (scaled_dot_product_attention whose keys come "
+                             "from the inputs its queries come from); hetcache rewrites transformer block stacks")
     region = run_pass("token_region", find_token_region, gm)
     outside = [s for s in sites if s.node not in region.nodes]
     if outside:
         raise RewriteRefused(f"attention '{outside[0].module}' lies outside the block stack")
     timestep_input = run_pass("timestep", find_timestep_input, gm, user_inputs, region.stream_sources)
     modulation = run_pass("probe", find_modulation, gm, region, user_inputs, timestep_input)
-    text_inputs = _text_inputs(gm, sites, user_inputs)
+    text_inputs = _text_inputs(gm, sites, user_inputs, region, timestep_input)
     token_inputs, partial_refused = {}, None
     token_grid = run_pass("token_grid", find_token_grid, gm, region, user_inputs)
     try:
@@ -186,11 +187,20 @@ def analyze(gm: fx.GraphModule, example_inputs: Sequence[object]) -> GraphAnalys
     )
 
 
-def _text_inputs(gm: fx.GraphModule, sites: Sequence[AttentionSite], user_inputs: set[str]) -> tuple[str, ...]:
-    """User inputs feeding cross-attention keys: they tell CFG branches apart."""
+def _text_inputs(gm: fx.GraphModule, sites: Sequence[AttentionSite], user_inputs: set[str], region: TokenRegion,
+                 timestep_input: str | None) -> tuple[str, ...]:
+    """User inputs that tell CFG branches apart: those feeding cross-attention keys or, in models
+    whose text joins the self-attention (SD3, Flux), every floating input of at most 3 dims that is
+    neither the timestep nor a source of the token stream (prompt and pooled embeddings)."""
     by_name = {n.name: n for n in gm.graph.nodes}
     keys = [attention_operand(by_name[s.node], 1, "key") for s in sites if s.kind == "cross"]
-    found = {n.name for n in ancestors(keys) if n.op == "placeholder" and n.name in user_inputs}
+    if keys:
+        found = {n.name for n in ancestors(keys) if n.op == "placeholder" and n.name in user_inputs}
+    else:
+        found = {n.name for n in placeholders(gm.graph)
+                 if n.name in user_inputs and n.name not in region.stream_sources and n.name != timestep_input
+                 and isinstance(example_value(n), torch.Tensor) and example_value(n).is_floating_point()
+                 and example_value(n).dim() <= 3}
     return tuple(n.name for n in placeholders(gm.graph) if n.name in found)
 
 

@@ -60,15 +60,17 @@ def vace_control(latent_mask: torch.Tensor, seed: int = 2) -> torch.Tensor:
 
 
 def edit_inputs(frames: int = 9, height: int = 64, width: int = 64, text_len: int = 5, text_dim: int = 32,
-                seed: int = 0) -> dict:
-    """A masked video edit for ``WanVACEPipeline``: random video, a centred box mask, text embeddings."""
+                seed: int = 0, box: tuple[float, float, float, float] = (0.25, 0.75, 0.25, 0.75)) -> dict:
+    """A masked video edit for ``WanVACEPipeline``: random video, a box mask (``box`` = top, bottom,
+    left, right as fractions of the frame; centred by default), text embeddings."""
     from PIL import Image
 
     generator = torch.Generator().manual_seed(seed)
     pixels = (torch.rand(frames, height, width, 3, generator=generator) * 255).to(torch.uint8).numpy()
     video = [Image.fromarray(frame) for frame in pixels]
     mask_array = torch.zeros(height, width, dtype=torch.uint8)
-    mask_array[height // 4: 3 * height // 4, width // 4: 3 * width // 4] = 255
+    top, bottom, left, right = box
+    mask_array[round(top * height): round(bottom * height), round(left * width): round(right * width)] = 255
     mask = [Image.fromarray(mask_array.numpy()) for _ in range(frames)]
     return {
         "video": video,

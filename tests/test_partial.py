@@ -62,8 +62,9 @@ def test_selection_is_deterministic(transformer, inputs):
         compiled = compile_hetcache(transformer, schedule="FP", margin_radius=1, context_ratio=0.3)
         run(compiled, inputs)
         run(compiled, inputs, timestep=torch.tensor([400.0]))  # the first partial step chooses S
-        [selection] = [state.selection for runtime in hc.runtimes(transformer)
-                       for state in runtime.branches.values() if state.selection is not None]
+        [selection] = [state.selection for runtime in hc.runtimes(transformer) for instance in
+                       runtime.instances.values() for state in instance.branches.live.values()
+                       if state.selection is not None]
         picks.append(selection.clone())
         hc.reset(transformer)
     torch.testing.assert_close(picks[0], picks[1])

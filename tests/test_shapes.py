@@ -43,11 +43,21 @@ def test_full_steps_at_every_resolution_equal_eager_under_dynamic_shapes(transfo
     assert "partial steps: token grid [5, 4, 2]" in hc.explain(transformer)
 
 
-def test_specialized_shapes_are_bounded(transformer):
-    compiled = torch.compile(transformer, backend="hetcache", dynamic=True,
-                             options={"schedule": "FR", "inner_backend": "aot_eager", "max_shapes": 2})
-    for height in (12, 16, 20, 12):  # never equal to the width: one dynamic graph (no duck-sized recompile)
-        inputs = transformer_inputs(height=height)
-        torch.testing.assert_close(run(compiled, inputs), run(transformer, inputs))
-        assert len(hc.runtimes(transformer)) <= 2  # the least recently used shape is dropped
-    assert [rt.grid.grid for rt in hc.runtimes(transformer)].count((3, 6, 4)) == 1
+def test_specialized_shapes_are_bounded():
+    import warnings
+
+    from test_fallback import LeakyStack
+
+    from hetcache_compile.shapes import RetiredStats
+
+    model = LeakyStack().eval()  # refused at every shape: cheap to compile, same bookkeeping
+    compiled = torch.compile(model, backend="hetcache", dynamic=True,
+                             options={"schedule": "FR", "inner_backend": "eager", "max_shapes": 2})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for tokens in (6, 7, 8, 6):
+            x = torch.randn(1, tokens, 16)
+            torch.testing.assert_close(compiled(x), model(x))
+            live = [rt for rt in hc.runtimes(model) if not isinstance(rt, RetiredStats)]
+            assert len(live) <= 2  # the least recently used shape is dropped
+    assert hc.stats(model).calls == 4  # dropped shapes' calls are still counted
