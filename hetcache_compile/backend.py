@@ -18,7 +18,7 @@ import torch.fx as fx
 
 from .compiled import compile_graph, inner_compiler
 from .config import HetCacheConfig
-from .instances import InstanceTable
+from .instances import CompiledFrom, InstanceTable
 from .passes import RewriteRefused, analyze, build_variants, is_symbolic
 from .runtime import LIVE_RUNTIMES, HetCacheRuntime
 from .shapes import ShapeSpecializingRuntime
@@ -33,7 +33,7 @@ class FallbackRuntime:
         self.fallback_reason = reason
         self.report = f"rewrite refused: {reason}"
         self.frame_id = frame_id
-        self.parameter_ids = frozenset(id(x) for x in example_inputs if isinstance(x, torch.nn.Parameter))
+        self.compiled_from = CompiledFrom(example_inputs)
         self.instance = next((i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)), None)
         self.instances: InstanceTable[list[int]] = InstanceTable(lambda: [0])
         start = time.perf_counter()
@@ -47,7 +47,7 @@ class FallbackRuntime:
         return self.compiled(*args)
 
     def serves(self, parameter_ids: set[int]) -> bool:
-        return bool(self.parameter_ids & parameter_ids) or bool(self.instances.matching(parameter_ids))
+        return self.compiled_from.intersects(parameter_ids) or bool(self.instances.matching(parameter_ids))
 
     def calls(self, parameter_ids: set[int]) -> int:
         return sum(count[0] for count in self.instances.matching(parameter_ids))

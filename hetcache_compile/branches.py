@@ -81,7 +81,13 @@ def _contiguous(tensor: torch.Tensor | None) -> torch.Tensor | None:
 
 
 class BranchTable:
-    """The branches of one model instance, least recently used first; at most ``max_branches``."""
+    """The branches of one model instance, least recently used first; at most ``max_branches``.
+
+    Branches belong to runs: when a branch starts a run at timestep t (a new branch, or the timestep
+    went up), every branch last called at a lower timestep belongs to an earlier run (a previous
+    prompt's ``cond``, say) and is dropped with its caches, its statistics kept. Names follow the
+    order branches appear in a run: ``cond``, ``uncond``, then ``branch2``, ...
+    """
 
     NAMES = ("cond", "uncond")
 
@@ -89,33 +95,53 @@ class BranchTable:
         self.max_branches = max_branches
         self.make_state = make_state
         self.live: OrderedDict[tuple, BranchState] = OrderedDict()
-        self.finished: list[BranchStats] = []  # stats of evicted branches, kept for totals
+        self.finished: dict[str, BranchStats] = {}  # merged stats of dropped branches, by name
 
-    def lookup(self, key: tuple) -> BranchState:
+    def lookup(self, key: tuple, timestep: float | None) -> BranchState:
         state = self.live.get(key)
         if state is None:
+            self.drop_earlier_runs(timestep)
             state = self._add(key)
         self.live.move_to_end(key)
         return state
+
+    def drop_earlier_runs(self, timestep: float | None, keep: BranchState | None = None) -> None:
+        """Drop the branches last called below ``timestep``: they belong to an earlier run."""
+        if timestep is None:
+            return
+        for key, state in list(self.live.items()):
+            if state is not keep and state.last_timestep is not None and state.last_timestep < timestep:
+                self._drop(key, "it belongs to an earlier run")
 
     def others(self, state: BranchState) -> list[BranchState]:
         return [s for s in self.live.values() if s is not state]
 
     def stats(self) -> list[BranchStats]:
-        return self.finished + [state.stats for state in self.live.values()]
+        return list(self.finished.values()) + [state.stats for state in self.live.values()]
 
-    def reset(self) -> None:
-        for state in self.live.values():
-            state.reset()
+    def drop_all(self, why: str) -> None:
+        """Drop every branch with its caches (a new video, or a run started on another graph)."""
+        for key in list(self.live):
+            self._drop(key, why)
 
     def _add(self, key: tuple) -> BranchState:
         if len(self.live) >= self.max_branches:
-            _, evicted = self.live.popitem(last=False)
-            logger.info("dropping the caches of branch %s (max_branches=%d)", evicted.stats.name, self.max_branches)
-            evicted.reset()
-            self.finished.append(evicted.stats)
-        count = len(self.live) + len(self.finished)
-        name = self.NAMES[count] if count < len(self.NAMES) else f"branch{count}"
+            self._drop(next(iter(self.live)), f"max_branches={self.max_branches}")
+        used = {state.stats.name for state in self.live.values()}
+        name = next((n for n in self.NAMES if n not in used), None)
+        if name is None:
+            name = next(f"branch{i}" for i in range(len(self.NAMES), len(used) + len(self.NAMES) + 1)
+                        if f"branch{i}" not in used)
         state = self.make_state(name)
         self.live[key] = state
         return state
+
+    def _drop(self, key: tuple, why: str) -> None:
+        state = self.live.pop(key)
+        logger.info("dropping the caches of branch %s (%s)", state.stats.name, why)
+        state.reset()
+        merged = self.finished.setdefault(state.stats.name, BranchStats(state.stats.name))
+        for kind, count in state.stats.steps.items():
+            merged.steps[kind] += count
+        merged.runs += state.stats.runs
+        merged.token_fractions += state.stats.token_fractions

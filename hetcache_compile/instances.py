@@ -72,3 +72,18 @@ class InstanceTable(Generic[T]):
 
     def __len__(self) -> int:
         return sum(1 for _ in self.items())
+
+
+class CompiledFrom:
+    """The parameters a graph was compiled with, held weakly: ids of freed tensors are reused by
+    new ones, so a match is by identity of tensors still alive."""
+
+    def __init__(self, example_inputs):
+        self._refs = [weakref.ref(x) for x in example_inputs if isinstance(x, torch.nn.Parameter)]
+
+    def intersects(self, parameter_ids: set[int]) -> bool:
+        for ref in self._refs:
+            tensor = ref()
+            if tensor is not None and id(tensor) in parameter_ids:
+                return True
+        return False

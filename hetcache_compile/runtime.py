@@ -24,7 +24,7 @@ from .budget import CacheBudget
 from .compiled import CompiledVariant
 from .config import HetCacheConfig
 from .fingerprint import FingerprintCache
-from .instances import InstanceTable
+from .instances import CompiledFrom, InstanceTable
 from .layout import InputLayout
 from .masks import MaskSource
 from .passes import GraphAnalysis, Variants
@@ -74,7 +74,7 @@ class HetCacheRuntime:
         self.analysis = analysis
         self.frame_id = frame_id  # Dynamo's frame: the lowest among a model's graphs counts model calls
         self.layout = InputLayout.of(gm, example_inputs, analysis)
-        self.parameter_ids = frozenset(id(x) for x in example_inputs if isinstance(x, torch.nn.Parameter))
+        self.compiled_from = CompiledFrom(example_inputs)
         self.full = CompiledVariant("full", variants.full, config)
         self.record = CompiledVariant("record", variants.record, config) if variants.record is not None else None
         self.reuse = CompiledVariant("reuse", variants.reuse, config)
@@ -108,7 +108,7 @@ class HetCacheRuntime:
 
     def serves(self, parameter_ids: set[int]) -> bool:
         """Whether this graph was compiled from, or has run for, the model owning ``parameter_ids``."""
-        return bool(self.parameter_ids & parameter_ids) or bool(self.instances.matching(parameter_ids))
+        return self.compiled_from.intersects(parameter_ids) or bool(self.instances.matching(parameter_ids))
 
     def branch_stats(self, parameter_ids: set[int]) -> list[BranchStats]:
         return [s for inst in self.instances.matching(parameter_ids) for s in inst.branches.stats()]
@@ -120,14 +120,15 @@ class HetCacheRuntime:
         """Forget the caches of the model owning ``parameter_ids`` (every model's with None)."""
         found = self.instances.values() if parameter_ids is None else self.instances.matching(parameter_ids)
         for instance in found:
-            instance.branches.reset()
+            instance.branches.drop_all("reset")
 
     # -- the call path ------------------------------------------------------------------------
     def __call__(self, *args):
         instance = self.instances.get(self.layout.instance_key(args))
         instance.calls += 1
-        state = instance.branches.lookup(self.layout.branch_key(args, instance.fingerprint))
-        self._maybe_start_new_run(instance, state, args)
+        timestep = self.layout.timestep_value(args)
+        state = instance.branches.lookup(self.layout.branch_key(args, instance.fingerprint), timestep)
+        self._maybe_start_new_run(instance, state, args, timestep)
         modulation = self._run_probe(args) if self.config.schedule == "adaptive" else None
         kind = self._feasible(state, state.scheduler.next_kind(modulation))
         with torch.profiler.record_function(f"hetcache::{kind.value}"):
@@ -210,8 +211,8 @@ class HetCacheRuntime:
         with torch.profiler.record_function("hetcache::probe"):
             return self.probe(*args)[0]
 
-    def _maybe_start_new_run(self, instance: InstanceState, state: BranchState, args: Sequence[object]) -> None:
-        timestep = self.layout.timestep_value(args)
+    def _maybe_start_new_run(self, instance: InstanceState, state: BranchState, args: Sequence[object],
+                             timestep: float | None) -> None:
         conditioning = self.layout.conditioning_key(args, instance.fingerprint)
         went_up = timestep is not None and state.last_timestep is not None and timestep > state.last_timestep
         changed = state.conditioning is not None and conditioning != state.conditioning
@@ -220,6 +221,8 @@ class HetCacheRuntime:
             why = "timestep went up" if went_up else "a conditioning input changed"
             logger.info("branch %s: new run (%s)", state.stats.name, why)
             state.reset()
+        if went_up:
+            instance.branches.drop_earlier_runs(timestep, keep=state)
         if first or went_up or changed:
             self._free_other_graphs(args)
             state.stats.runs += 1

@@ -89,7 +89,6 @@ class RetiredStats:
 
     def __init__(self, frame_id: int):
         self.frame_id = frame_id
-        self.parameter_ids: frozenset[int] = frozenset()
         self.instances: InstanceTable[list] = InstanceTable(lambda: [0, []])  # [calls, branch stats]
         LIVE_RUNTIMES.add(self)
 
