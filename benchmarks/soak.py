@@ -14,7 +14,6 @@ run), the bytes of live tensors and of hetcache's caches after it, and the compi
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import time
 import torch
 from common import REPO_ROOT, command_line, edit_inputs, machine_description, source_description, tiny_vace_pipeline
 from common import tiny_vace_transformer, utc_now, write_table
+from measure import live_tensor_bytes
 from tqdm import tqdm
 
 import hetcache_compile as hc
@@ -71,17 +71,6 @@ def compiled_pipeline():
     pipe.transformer = torch.compile(pipe.transformer, backend="hetcache", options=OPTIONS)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def live_tensor_bytes() -> int:
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    gc.collect()
-    storages = {}
-    for obj in gc.get_objects():
-        if isinstance(obj, torch.Tensor) and not isinstance(obj, FakeTensor) and obj.device.type != "meta":
-            storages[obj.untyped_storage().data_ptr()] = obj.untyped_storage().nbytes()
-    return sum(storages.values())
 
 
 def fresh_output(i: int, path: str) -> torch.Tensor:

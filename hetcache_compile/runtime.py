@@ -131,13 +131,17 @@ class HetCacheRuntime:
         self._maybe_start_new_run(instance, state, args, timestep)
         modulation = self._run_probe(args) if self.config.schedule == "adaptive" else None
         kind = self._feasible(state, state.scheduler.next_kind(modulation))
-        with torch.profiler.record_function(f"hetcache::{kind.value}"):
-            if kind is StepKind.REUSE:
-                outputs = self.reuse(*args, state.reuse_residual())
-            elif kind is StepKind.PARTIAL:
-                outputs = self._partial_step(state, args)
-            else:
-                outputs = self._full_step(instance, state, args)
+        try:
+            with torch.profiler.record_function(f"hetcache::{kind.value}"):
+                if kind is StepKind.REUSE:
+                    outputs = self.reuse(*args, state.reuse_residual())
+                elif kind is StepKind.PARTIAL:
+                    outputs = self._partial_step(state, args)
+                else:
+                    outputs = self._full_step(instance, state, args)
+        except BaseException:
+            state.reset()  # a step interrupted half-way leaves no half-updated cache behind
+            raise
         state.stats.record(kind.value)
         logger.debug("branch %s call %d: %s", state.stats.name, state.scheduler.calls, kind.value)
         return tuple(outputs)

@@ -2,12 +2,12 @@
 only for new shapes, and an interrupted run leaves nothing behind. Also a seeded randomized sweep."""
 
 import copy
-import gc
 import random
 
 import pytest
 import torch
 from conftest import compile_hetcache
+from measure import live_tensor_bytes
 from models import box_mask, transformer_inputs, vace_control
 
 import hetcache_compile as hc
@@ -36,19 +36,6 @@ def edit(frames=3, height=8, box=(2, 6, 2, 6), seed=1):
     inputs = transformer_inputs(frames=frames, height=height, seed=seed)
     inputs["control_hidden_states"] = vace_control(box_mask(frames, height, 8, box=box), seed=seed + 1)
     return inputs
-
-
-def live_tensor_bytes() -> int:
-    """Bytes of the distinct real tensor storages alive (fake and meta tensors excluded)."""
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    gc.collect()
-    storages = {}
-    for obj in gc.get_objects():
-        if isinstance(obj, torch.Tensor) and not isinstance(obj, FakeTensor) and obj.device.type != "meta":
-            storage = obj.untyped_storage()
-            storages[storage.data_ptr()] = storage.nbytes()
-    return sum(storages.values())
 
 
 def compiles(model) -> int:
@@ -130,3 +117,16 @@ def test_randomized_invariants(seed):
     assert set(hc.stats(a).steps) == set(STEP_KINDS) and hc.stats(a).steps["reuse"] == 0
     hc.reset(b)
     torch.testing.assert_close(other(**inputs, timestep=times[0], return_dict=False)[0], alone[0])
+
+
+def test_a_step_that_raises_leaves_no_half_updated_cache(transformer, inputs, monkeypatch):
+    compiled = compile_hetcache(transformer, schedule="FPR", margin_radius=1, context_ratio=0.3)
+    compiled(**inputs, return_dict=False)
+    [runtime] = hc.runtimes(transformer)
+    monkeypatch.setattr(runtime, "partial", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        compiled(**dict(inputs, timestep=torch.tensor([400.0])), return_dict=False)
+    monkeypatch.undo()
+    out = compiled(**dict(inputs, timestep=torch.tensor([300.0])), return_dict=False)[0]
+    assert hc.stats(transformer).branches["cond"].history == ["full"]  # the branch started over
+    torch.testing.assert_close(out, transformer(**dict(inputs, timestep=torch.tensor([300.0])), return_dict=False)[0])
