@@ -1,4 +1,4 @@
-"""The one end-to-end test with Inductor as the inner compiler (about a minute on 2 CPU cores)."""
+"""End-to-end tests with Inductor as the inner compiler (about a minute each on 2 CPU cores)."""
 
 import pytest
 import torch
@@ -18,3 +18,17 @@ def test_inductor_full_and_reuse_steps_match_eager(transformer, inputs):
     assert stats.branches["cond"].history == ["full", "reuse"]
     assert stats.compile_counts == {"full": 1, "record": 0, "partial": 0, "reuse": 1}
     assert stats.compile_seconds["full"] > 0
+
+
+@pytest.mark.inductor
+def test_inductor_variants_at_a_second_resolution(transformer):
+    """Dynamo's dynamic-shape recompile, specialized per shape, compiled by Inductor outside Dynamo."""
+    from models import transformer_inputs
+
+    compiled = torch.compile(transformer, backend="hetcache", options={"schedule": "FR"})
+    for inputs in (transformer_inputs(), transformer_inputs(height=12)):
+        full = run(compiled, inputs)
+        torch.testing.assert_close(full, run(transformer, inputs), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(run(compiled, inputs), full, rtol=1e-4, atol=1e-4)
+    stats = hc.stats(transformer)
+    assert stats.steps == {"full": 2, "partial": 0, "reuse": 2} and not stats.fallback_reasons
