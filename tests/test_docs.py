@@ -14,3 +14,13 @@ def test_docstring_examples(name):
     result = doctest.testmod(importlib.import_module(name), raise_on_error=False)
     assert result.attempted > 0, f"{name} has no example"
     assert result.failed == 0
+
+
+def test_passes_load_once_as_the_subpackage_the_install_maps():
+    import subprocess
+    import sys
+
+    check = ("import sys, hetcache_compile.backend as backend, hetcache_compile.passes as passes; "
+             "assert passes.__name__ == 'hetcache_compile.passes'; assert 'passes' not in sys.modules; "
+             "assert backend.RewriteRefused is passes.RewriteRefused")
+    subprocess.run([sys.executable, "-c", check], check=True, timeout=120)
