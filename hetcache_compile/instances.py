@@ -46,6 +46,13 @@ class InstanceTable(Generic[T]):
         self._entries[slot] = (ref, value)
         return value
 
+    def find(self, key: torch.Tensor | None) -> T | None:
+        """The value of ``key``'s instance if it has one (``get`` without creating)."""
+        entry = self._entries.get(0 if key is None else id(key))
+        if entry is not None and (entry[0] is None or entry[0]() is key):
+            return entry[1]
+        return None
+
     def _forget(self, slot: int) -> Callable[[weakref.ref], None]:
         def forget(dead: weakref.ref) -> None:
             entry = self._entries.get(slot)

@@ -39,11 +39,6 @@ logger = logging.getLogger("hetcache_compile")
 # graph is compiled, never at import time; entries vanish with Dynamo's cache.
 LIVE_RUNTIMES: weakref.WeakSet = weakref.WeakSet()
 
-# The runtime where each model instance (by the id of its key parameter) last started a run. A model
-# runs one denoising loop at a time, so a run starting on another graph (another resolution, another
-# shape specialization) frees the caches the last run left there.
-_LAST_RUN: dict[int, weakref.ref] = {}
-
 
 @dataclass
 class InstanceState:
@@ -228,20 +223,22 @@ class HetCacheRuntime:
         if went_up:
             instance.branches.drop_earlier_runs(timestep, keep=state)
         if first or went_up or changed:
-            self._free_other_graphs(args)
+            self._drop_earlier_runs_elsewhere(args, timestep)
             state.stats.runs += 1
             state.classes = self._token_classes(instance, args)
         state.last_timestep = timestep
         state.conditioning = conditioning
 
-    def _free_other_graphs(self, args: Sequence[object]) -> None:
+    def _drop_earlier_runs_elsewhere(self, args: Sequence[object], timestep: float | None) -> None:
+        """A model runs one denoising loop at a time: a run starting here at ``timestep`` drops what this
+        model's earlier runs left in its other graphs (other shapes), the branches last called below it.
+        Graphs of one call (graph breaks) are called at the same timesteps and keep theirs."""
         key = self.layout.instance_key(args)
-        slot = 0 if key is None else id(key)
-        previous = _LAST_RUN.get(slot)
-        runtime = previous() if previous is not None else None
-        if runtime is not None and runtime is not self:
-            runtime.reset(None if key is None else {slot})
-        _LAST_RUN[slot] = weakref.ref(self)
+        for runtime in list(LIVE_RUNTIMES):
+            if runtime is not self and isinstance(runtime, HetCacheRuntime):
+                instance = runtime.instances.find(key)
+                if instance is not None:
+                    instance.branches.drop_earlier_runs(timestep)
 
     def _token_classes(self, instance: InstanceState, args: Sequence[object]) -> TokenClasses | None:
         """G, M, C for this run; None: no partial steps."""
