@@ -59,3 +59,28 @@ def test_backend_name_resolves_without_importing_the_package(tmp_path):
                             timeout=300)
     assert result.returncode == 0, result.stderr
     assert "resolved True" in result.stdout
+
+
+class JoiningStack(torch.nn.Module):
+    """Text tokens joined to the stream inside the first block (Flux's single-stream layout)."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([JoiningBlock(), ToyBlock()])
+
+    def forward(self, x, text):
+        return self.blocks[1](self.blocks[0](x, text))
+
+
+class JoiningBlock(ToyBlock):
+    def forward(self, x, text):
+        return super().forward(torch.cat([text, x], dim=1))
+
+
+def test_a_stack_that_changes_the_sequence_says_why_no_stream_was_found():
+    model = JoiningStack().eval()
+    x, text = torch.randn(1, 6, 16), torch.randn(1, 2, 16)
+    with pytest.warns(UserWarning, match="none of its inputs has the stack output's shape"):
+        out = compile_hetcache(model, schedule="full")(x, text)
+    torch.testing.assert_close(out, model(x, text))
+    assert "cannot tell which input of blocks.0 is the token stream" in hc.stats(model).fallback_reason
