@@ -61,7 +61,8 @@ class HetCacheBackend:
 
     ``options`` are ``HetCacheConfig`` fields (plus ``preset``); ``mode`` is Inductor's mode for
     the variants. A bad option raises ``HetCacheOptionsError`` (a ``ValueError``) at the first
-    call. ``torch._dynamo.reset()`` calls ``reset()``, after which refusals are warned about again.
+    call. ``torch._dynamo.reset()`` calls ``reset()``: the runtimes, their caches and statistics are
+    dropped, and refusals are warned about again.
     """
 
     def __init__(self) -> None:
@@ -78,7 +79,12 @@ class HetCacheBackend:
         return self._rewrite(gm, example_inputs, config, frame_id, in_dynamo=True)
 
     def reset(self) -> None:
+        """Called by ``torch._dynamo.reset()``, which drops every compiled graph: their runtimes go too
+        (at once, not whenever the garbage collector reaches their reference cycles)."""
         self._warned.clear()
+        for runtime in list(LIVE_RUNTIMES):
+            runtime.reset()
+        LIVE_RUNTIMES.clear()
 
     def _rewrite(self, gm: fx.GraphModule, example_inputs: Sequence[object], config: HetCacheConfig, frame_id: int,
                  in_dynamo: bool) -> Callable:

@@ -45,4 +45,4 @@ def test_a_new_adapter_scale_starts_a_new_run(transformer, inputs):
     transformer.set_adapters(["a"], weights=[0.5])
     out = run(compiled, inputs, timestep=torch.tensor([400.0]))  # would be a reuse step within one run
     torch.testing.assert_close(out, run(transformer, inputs, timestep=torch.tensor([400.0])))
-    assert hc.stats(transformer).branches["cond"].history == ["full"]
+    assert hc.stats(transformer).steps["reuse"] == 0  # (the new scale may also recompile: a second graph)
