@@ -62,6 +62,8 @@ def stats(model: torch.nn.Module) -> HetCacheStats:
             total.compile_seconds[variant.name] = total.compile_seconds.get(variant.name, 0.0) + variant.compile_seconds
             total.compile_counts[variant.name] = total.compile_counts.get(variant.name, 0) + variant.compile_count
     total.steps["full"] += max(0, total.model_calls - sum(total.steps.values()))
+    order = {"cond": 0, "uncond": 1}
+    total.branches = dict(sorted(total.branches.items(), key=lambda item: (order.get(item[0], 2), item[0])))
     return total
 
 
