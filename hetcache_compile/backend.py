@@ -18,7 +18,7 @@ import torch.fx as fx
 
 from .compiled import compile_graph, inner_compiler
 from .config import HetCacheConfig
-from .instances import CompiledFrom, InstanceTable
+from .instances import CompiledFrom, InstanceTable, instance_position
 from .passes import RewriteRefused, analyze, build_variants, is_symbolic
 from .runtime import LIVE_RUNTIMES, HetCacheRuntime
 from .shapes import ShapeSpecializingRuntime
@@ -34,7 +34,7 @@ class FallbackRuntime:
         self.report = f"rewrite refused: {reason}"
         self.frame_id = frame_id
         self.compiled_from = CompiledFrom(example_inputs)
-        self.instance = next((i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)), None)
+        self.instance = instance_position(example_inputs)
         self.instances: InstanceTable[list[int]] = InstanceTable(lambda: [0])
         start = time.perf_counter()
         self.compiled = (inner_compiler(config)(gm, list(example_inputs)) if in_dynamo

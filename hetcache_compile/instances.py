@@ -81,6 +81,11 @@ class InstanceTable(Generic[T]):
         return sum(1 for _ in self.items())
 
 
+def instance_position(example_inputs) -> int | None:
+    """Position of the parameter whose identity keys a call's model instance (the graph's first)."""
+    return next((i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)), None)
+
+
 class CompiledFrom:
     """The parameters a graph was compiled with, held weakly: ids of freed tensors are reused by
     new ones, so a match is by identity of tensors still alive."""

@@ -9,6 +9,7 @@ import torch
 import torch.fx as fx
 
 from .fingerprint import FingerprintCache
+from .instances import instance_position
 from .passes import GraphAnalysis
 from .passes.graph_utils import output_node, placeholders
 from .priors import VACE_MASK_CHANNELS
@@ -43,7 +44,7 @@ class InputLayout:
         grid = analysis.token_grid
         return cls(
             num_outputs=len(output_node(gm.graph).args[0]),
-            instance=next((i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)), None),
+            instance=instance_position(example_inputs),
             timestep=index.get(analysis.timestep_input) if analysis.timestep_input else None,
             text=tuple(index[n] for n in analysis.text_inputs),
             conditioning=tuple(index[n] for n in analysis.user_inputs if n not in skip) + _scalar_attributes(
