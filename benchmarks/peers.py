@@ -27,11 +27,18 @@ from dataclasses import dataclass, field
 from unittest import mock
 
 import torch
-from proxy.model import load_proxy, prompt_embeds, shift_sigma, vace_control
+from proxy.model import WEIGHTS_DIR, prompt_embeds, shift_sigma, vace_control
+from proxy.model import load_proxy as _load_weights
 
 from hetcache_compile import selection as hetcache_selection
 
 STEPS = 20
+WEIGHTS = WEIGHTS_DIR  # the proxy every runner loads; quality.py --proxy sets it
+
+
+def load_proxy() -> torch.nn.Module:
+    """A fresh copy of the proxy of this run (``WEIGHTS``, read at build time like ``STEPS``)."""
+    return _load_weights(WEIGHTS)
 
 
 @dataclass
@@ -286,21 +293,23 @@ def _describe(options: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in options.items())
 
 
-def default_methods(inner: str, ratios: list[float], steps: int = STEPS) -> list[Method]:
+def default_methods(inner: str, ratios: list[float], steps: int = STEPS,
+                    settings: list[dict] | None = None) -> list[Method]:
     """Every method and setting of a run of ``steps`` Euler steps (full compute first).
 
-    Step skipping keeps the same fractions of the steps at any step count (10 .. 3 of 20)."""
+    Step skipping keeps the same fractions of the steps at any step count (10 .. 3 of 20).
+    ``settings`` replaces the hetcache rows (``HETCACHE_SETTINGS`` and the uniform-context ablation)."""
     methods = [Method("full compute", f"eager, {steps} steps", plain_runner)]
     skipped = sorted({max(2, round(k * steps / 20)) for k in (10, 7, 6, 5, 4, 3)} - {steps}, reverse=True)
     methods += [Method("step skipping", f"{k} Euler steps", plain_runner, steps=k) for k in skipped]
     methods += [
         Method("hetcache", _describe(o), hetcache_runner(o, inner), hetcache=True, options_dict=o)
-        for o in HETCACHE_SETTINGS
+        for o in (HETCACHE_SETTINGS if settings is None else settings)
     ]
     methods += [
         Method("hetcache", _describe(o) + ", context picked uniformly (ablation)", uniform_context_runner(o, inner),
                hetcache=True, options_dict=o)
-        for o in UNIFORM_CONTEXT_SETTINGS
+        for o in (UNIFORM_CONTEXT_SETTINGS if settings is None else [])
     ]
     methods += [Method("FirstBlockCache", f"threshold={t}", fbc(t)) for t in (0.02, 0.05, 0.1, 0.2, 0.4)]
     methods += [

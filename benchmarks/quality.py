@@ -17,11 +17,13 @@ full compute (checked at every run, in the notes). Writes ``benchmarks/results/q
     python benchmarks/quality.py --threads 1               # 16 clips, 11-17 min on 1 shared CPU thread
     python benchmarks/quality.py --threads 1 --clips 64    # more clips
     python benchmarks/quality.py --threads 1 --steps 50 --name quality_50   # Wan's default step count
+    python benchmarks/quality.py --proxy scenes --only hetcache skipping --name quality_scenes   # second proxy
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -37,13 +39,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers  # noqa: E402
 import quality_report  # noqa: E402
 from flops import variant_flops  # noqa: E402
-from proxy.data import FRAMES, HEIGHT, WIDTH, heldout_seeds, make_batch, train_seeds  # noqa: E402
 from proxy.model import PROXY_CONFIG  # noqa: E402
+from proxy.specs import PROXIES, ProxySpec, get_proxy  # noqa: E402
 from quality_metrics import FlopCount, clip_scores, hetcache_flops  # noqa: E402
 
 import hetcache_compile as hc  # noqa: E402
-
-NUM_TOKENS = FRAMES * (HEIGHT // 2) * (WIDTH // 2)
 
 
 @dataclass
@@ -98,14 +98,16 @@ def _timed(runner, x0, mask, steps: int, shift: float) -> float:
     return time.perf_counter() - start
 
 
-def price_hetcache(results: list[Result]):
+def price_hetcache(results: list[Result], proxy: ProxySpec):
     """Price every hetcache result from meta-device counts of the proxy's variants; return the counts."""
-    sizes = sorted({round(f * NUM_TOKENS) for r in results for f in r.fractions} | {NUM_TOKENS})
-    counted = variant_flops(dict(PROXY_CONFIG), 4 * (FRAMES - 1) + 1, HEIGHT * 8, WIDTH * 8, sizes, text_len=4)
+    num_tokens = proxy.num_tokens
+    _, frames, height, width = proxy.latent_shape
+    sizes = sorted({round(f * num_tokens) for r in results for f in r.fractions} | {num_tokens})
+    counted = variant_flops(dict(PROXY_CONFIG), 4 * (frames - 1) + 1, height * 8, width * 8, sizes, text_len=4)
     heads, head_dim = PROXY_CONFIG["num_attention_heads"], PROXY_CONFIG["attention_head_dim"]
     for r in results:
         if r.method.hetcache and not r.error:
-            r.flops = hetcache_flops(r.steps, r.fractions, counted, NUM_TOKENS, heads, head_dim)
+            r.flops = hetcache_flops(r.steps, r.fractions, counted, num_tokens, heads, head_dim)
     return counted
 
 
@@ -133,6 +135,7 @@ def inductor_latency(settings: list[dict], clip: tuple, shift: float, repeats: i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--proxy", default="tiles", choices=sorted(PROXIES), help="which trained proxy (proxy/specs.py)")
     parser.add_argument("--clips", type=int, default=16, help="held-out clips")
     parser.add_argument("--shift", type=float, default=3.0)
     parser.add_argument(
@@ -149,23 +152,28 @@ def main() -> None:
         help="hetcache presets timed with the Inductor inner backend (none: skip)",
     )
     parser.add_argument("--only", nargs="*", help="run only methods whose family contains one of these words")
+    parser.add_argument("--settings", type=json.loads, default=None,
+                        help="hetcache settings to compare instead of peers.HETCACHE_SETTINGS, as a JSON list of "
+                             "option dicts (no uniform-context ablation then)")
     parser.add_argument("--steps", type=int, default=peers.STEPS, help="Euler steps of full compute")
     parser.add_argument("--name", default="quality", help="results files benchmarks/results/<name>.{md,json,png}")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     peers.STEPS = args.steps  # read at call time by the samplers and the cache hooks' step counts
+    proxy = get_proxy(args.proxy)
+    peers.WEIGHTS = proxy.weights_dir
     start = time.time()
-    x0s, masks, _ = make_batch(heldout_seeds(args.clips))
+    x0s, masks, _ = proxy.data.make_batch(proxy.data.heldout_seeds(args.clips))
     clips = [(x0s[i : i + 1], masks[i : i + 1]) for i in range(args.clips)]
-    calib_x0, calib_mask, _ = make_batch(train_seeds(0, 1))
+    calib_x0, calib_mask, _ = proxy.data.make_batch(proxy.data.train_seeds(0, 1))
     ratios = peers.magcache_ratios(calib_x0, calib_mask, args.shift, args.steps)
-    methods = peers.default_methods(args.inner_backend, ratios, args.steps)
+    methods = peers.default_methods(args.inner_backend, ratios, args.steps, args.settings)
     if args.only:
         methods = methods[:1] + [m for m in methods[1:] if any(w.lower() in m.family.lower() for w in args.only)]
     results = [run_method(m, clips, args.shift, args.latency_clips) for m in tqdm(methods, desc="methods")]
     try:
-        counted = price_hetcache(results)
+        counted = price_hetcache(results, proxy)
     except Exception as error:  # keep the peers' results even if the meta-device count breaks
         traceback.print_exc()
         counted = None
@@ -201,7 +209,10 @@ def main() -> None:
         full_meta=counted.full * peers.STEPS * args.clips if counted else 0,
         full_counted=results[0].flops,
         ratios=ratios,
-        num_tokens=NUM_TOKENS,
+        num_tokens=proxy.num_tokens,
+        proxy=proxy.name,
+        latent_shape=list(proxy.latent_shape),
+        weights=str(proxy.weights_dir.relative_to(Path(__file__).resolve().parent.parent)),
     )
     quality_report.write(scored, latency, run)
 

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop_count
-from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 SSIM_KERNEL, SSIM_SIGMA = 5, 1.0
 _CPU_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -47,6 +46,8 @@ class Scores:
 def _psnr(pred: torch.Tensor, target: torch.Tensor, data_range: float) -> float:
     if torch.equal(pred, target):
         return math.inf
+    from torchmetrics.functional.image import peak_signal_noise_ratio  # the [bench] extra
+
     return float(peak_signal_noise_ratio(pred, target, data_range=data_range))
 
 
@@ -54,6 +55,8 @@ def clip_scores(
     preds: list[torch.Tensor], targets: list[torch.Tensor], truths: list[torch.Tensor], masks: list[torch.Tensor]
 ) -> Scores:
     """Scores of each ``preds[i]`` ``[1, 16, F, H, W]`` against ``targets[i]``; ranges from ``truths[i]``."""
+    from torchmetrics.functional.image import structural_similarity_index_measure  # the [bench] extra
+
     out = Scores([], [], [], [])
     for pred, target, truth, mask in zip(preds, targets, truths, masks):
         data_range = float(truth.max() - truth.min())

@@ -21,6 +21,7 @@ clip's range ``max(x0) - min(x0)`` (torchmetrics' ``peak_signal_noise_ratio`` wi
 ``benchmarks/results/proxy.md``.
 
     python benchmarks/proxy/evaluate.py                # 300 held-out clips, 20 Euler steps
+    python benchmarks/proxy/evaluate.py --proxy scenes --clips 200   # the second proxy (specs.py)
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/
 from common import REPO_ROOT, command_line, machine_description, utc_now, write_table  # noqa: E402
 from quality_metrics import clip_scores  # noqa: E402
 
-from proxy.data import CHANNELS, FRAMES, HEIGHT, MASK_KINDS, WIDTH, heldout_seeds, make_batch  # noqa: E402
-from proxy.model import WEIGHTS_DIR, WEIGHTS_NAME, load_proxy, prompt_embeds, sha256, shift_sigma, vace_control  # noqa: E402
+from proxy.model import WEIGHTS_NAME, load_proxy, prompt_embeds, sha256, shift_sigma, vace_control  # noqa: E402
+from proxy.specs import PROXIES, get_proxy  # noqa: E402
 
 
 def masked_psnr(pred: torch.Tensor, x0: torch.Tensor, mask: torch.Tensor, inside: bool = True) -> list[float]:
@@ -106,16 +107,22 @@ def sample(model, x0: torch.Tensor, mask: torch.Tensor, steps: int, shift: float
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--weights", type=Path, default=WEIGHTS_DIR)
-    p.add_argument("--clips", type=int, default=300, help="held-out clips (taken in turn from the three mask kinds)")
+    p.add_argument("--proxy", default="tiles", choices=sorted(PROXIES), help="which proxy (benchmarks/proxy/specs.py)")
+    p.add_argument("--weights", type=Path, default=None, help="weights directory (default: the proxy's)")
+    p.add_argument("--clips", type=int, default=300, help="held-out clips (taken in turn from the mask kinds)")
     p.add_argument("--batch", type=int, default=50)
     p.add_argument("--steps", type=int, default=20, help="Euler steps")
     p.add_argument("--shift", type=float, default=3.0, help="sigma shift of the sampling schedule")
     p.add_argument("--fill-iters", type=int, default=100, help="blur-and-reset rounds of the diffusion fill")
     p.add_argument("--seed", type=int, default=0, help="seeds the sampling noise")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default="proxy", help="results file name under benchmarks/results/")
+    p.add_argument("--out", default=None, help="results file name under benchmarks/results/ (default: proxy, proxy_<name>)")
     args = p.parse_args(argv)
+    proxy = get_proxy(args.proxy)
+    data = proxy.data
+    heldout_seeds, make_batch, mask_kinds = data.heldout_seeds, data.make_batch, data.MASK_KINDS
+    args.weights = args.weights or proxy.weights_dir
+    args.out = args.out or ("proxy" if proxy.name == "tiles" else f"proxy_{proxy.name}")
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
 
@@ -156,13 +163,13 @@ def main(argv=None) -> None:
     rows = []
     for method in methods:
         scores = inside[method]
-        row = [method] + [mean([s for s, k in zip(scores, kinds) if k == kind]) for kind in MASK_KINDS]
+        row = [method] + [mean([s for s, k in zip(scores, kinds) if k == kind]) for kind in mask_kinds]
         row += [mean(scores), f"{sum(ssim[method]) / len(ssim[method]):.3f}",
                 "-" if method == methods[3] else share_above(method, [methods[3]]),
                 "-" if method in fills else share_above(method, fills)]
         row.append(mean(outside[method]) if method in outside else "exact")
         rows.append(row)
-    columns = ["method", *(f"PSNR {k} (dB)" for k in MASK_KINDS), "PSNR all (dB)", "in-mask SSIM, all",
+    columns = ["method", *(f"PSNR {k} (dB)" for k in mask_kinds), "PSNR all (dB)", "in-mask SSIM, all",
                "clips above mean fill", "clips above every fill", "PSNR known cells (dB)"]
     weights_file = args.weights / WEIGHTS_NAME
     try:
@@ -173,20 +180,20 @@ def main(argv=None) -> None:
         f"{utc_now()}; {machine_description()}",
         f"command: `{command_line()}` ({elapsed:.0f} s)",
         f"weights: `{weights_name}`, SHA-256 `{sha256(weights_file)}`",
-        f"{len(seeds)} held-out clips (seeds {seeds[0]}..{seeds[-1]}), {len(seeds) // len(MASK_KINDS)} per mask kind, "
-        f"latents {CHANNELS} x {FRAMES} x {HEIGHT} x {WIDTH}",
+        f"{len(seeds)} held-out clips (seeds {seeds[0]}..{seeds[-1]}), {len(seeds) // len(mask_kinds)} per mask kind, "
+        f"proxy `{proxy.name}`, latents {' x '.join(map(str, proxy.latent_shape))} ({proxy.num_tokens} tokens)",
         "PSNR over the hidden cells of each clip, peak = the clip's latent range, mean over clips; higher is better",
     ]
     def kind_means(method: str) -> list[float]:
         scores = inside[method]
-        return [sum(s for s, k in zip(scores, kinds) if k == kind) / kinds.count(kind) for kind in MASK_KINDS] + [
+        return [sum(s for s, k in zip(scores, kinds) if k == kind) / kinds.count(kind) for kind in mask_kinds] + [
             sum(scores) / len(scores)]
 
     best = [max(values) for values in zip(*(kind_means(f) for f in fills))]
     margins = []
     for method in methods[:2]:
         diffs = [p - b for p, b in zip(kind_means(method), best)]
-        margins.append(f"{method}: " + ", ".join(f"{kind} {d:+.2f}" for kind, d in zip([*MASK_KINDS, "all"], diffs)))
+        margins.append(f"{method}: " + ", ".join(f"{kind} {d:+.2f}" for kind, d in zip([*mask_kinds, "all"], diffs)))
     notes = [
         "Proxy minus the best trivial fill of each column (dB; positive = the proxy is better): "
         + "; ".join(margins) + ".",
@@ -196,7 +203,7 @@ def main(argv=None) -> None:
         "kind of estimate (a posterior mean), so it scores above a sample, which draws one plausible fill. "
         "\"PSNR known cells\" is how closely the proxy reproduces the context it was given.",
     ]
-    write_table(args.out, "Proxy model: held-out latent inpainting quality", columns, rows, header=header, notes=notes)
+    write_table(args.out, f"Proxy model `{proxy.name}`: held-out latent inpainting quality", columns, rows, header=header, notes=notes)
 
 
 if __name__ == "__main__":

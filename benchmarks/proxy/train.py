@@ -6,13 +6,16 @@ VACE control (``model.vace_control``: the known latents, zeros, and 64 mask chan
 text embedding, and predicts ``v = noise - x0``; the loss is the MSE on ``v``, weighted
 ``--mask-weight`` times more on the hidden cells. AdamW with a linear warm-up and a cosine decay.
 
-The clips come from a pool of ``--pool`` training seeds, generated once (a few ms a clip), each
+``--proxy`` picks the data and the defaults (``specs.py``). With ``--crop-steps`` the first steps
+train on random ``--crop-size`` crops of the clips (cheaper: attention is quadratic in the tokens),
+the rest on whole clips. The clips come from a pool of ``--pool`` training seeds, generated once (a few ms a clip), each
 drawn in a random flip of height, width and time (the data are symmetric under all three). Every
 random draw comes from generators seeded by ``--seed``, and deterministic algorithms are on, so
 the same command with the same ``--threads`` on the same torch build rebuilds the weights bit for
 bit (a different thread count may change float reduction order, and so the last bits).
 
     python benchmarks/proxy/train.py --threads 2          # the committed weights (README.md), about 24 min
+    python benchmarks/proxy/train.py --proxy scenes --threads 2   # the second proxy's weights, about an hour
     python benchmarks/proxy/train.py --steps 20 --out /tmp/proxy-a   # a quick check
     python benchmarks/proxy/train.py --device cuda --out /tmp/proxy-g  # screening on a GPU (not bit-exact)
 
@@ -40,10 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/
 
 from common import machine_description  # noqa: E402
 
-from proxy.data import make_batch, train_seeds  # noqa: E402
+from proxy.data import train_seeds  # noqa: E402
 from proxy.model import (  # noqa: E402
     DIFFUSERS_WEIGHTS_NAME,
-    WEIGHTS_DIR,
     WEIGHTS_NAME,
     build_model,
     num_parameters,
@@ -52,14 +54,24 @@ from proxy.model import (  # noqa: E402
     shift_sigma,
     vace_control,
 )
+from proxy.specs import PROXIES, get_proxy  # noqa: E402
 
 README = Path(__file__).resolve().parent / "README.md"
-BEGIN, END = "<!-- train.py: begin -->", "<!-- train.py: end -->"
+
+
+def markers(proxy: str) -> tuple[str, str]:
+    """The README block ``train.py`` rewrites for ``proxy`` (the first proxy's markers predate the second)."""
+    tag = "train.py" if proxy == "tiles" else f"train.py {proxy}"
+    return f"<!-- {tag}: begin -->", f"<!-- {tag}: end -->"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--proxy", default="tiles", choices=sorted(PROXIES))
+    proxy = get_proxy(pre.parse_known_args(argv)[0].proxy)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--proxy", default="tiles", choices=sorted(PROXIES), help="which proxy (benchmarks/proxy/specs.py)")
     p.add_argument("--steps", type=int, default=3200)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -77,8 +89,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="minutes; a guard against an overloaded machine: training past it stops with an "
                         "error and saves nothing (the committed command, at 2 threads, takes about 24 min)")
     p.add_argument("--workers", type=int, default=1, help="processes that draw the clip pool (same clips)")
-    p.add_argument("--out", type=Path, default=WEIGHTS_DIR)
-    return p.parse_args(argv)
+    p.add_argument("--crop-steps", type=int, default=0, help="first steps on random crops of the clips")
+    p.add_argument("--crop-size", type=int, nargs=2, default=None, metavar=("H", "W"), help="crop size, in cells")
+    p.add_argument("--crop-batch", type=int, default=None, help="batch of the crop steps (default --batch)")
+    p.add_argument("--out", type=Path, default=proxy.weights_dir)
+    p.set_defaults(**proxy.train_defaults)
+    args = p.parse_args(argv)
+    if args.crop_steps and args.crop_size is None:
+        p.error("--crop-steps needs --crop-size")
+    return args
 
 
 def lr_at(step: int, args: argparse.Namespace) -> float:
@@ -88,15 +107,17 @@ def lr_at(step: int, args: argparse.Namespace) -> float:
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def make_pool(count: int, workers: int) -> tuple[torch.Tensor, torch.Tensor]:
+def make_pool(make_batch, count: int, workers: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Clips of training seeds ``0 .. count-1`` (``x0``, ``mask``); each clip depends on its seed alone,
     so ``workers`` processes give the same tensors as one."""
     seeds = train_seeds(0, count)
     if workers <= 1:
         x0, mask, _ = make_batch(tqdm(seeds, desc="clips", leave=False))
         return x0, mask
-    chunks = [seeds[i:i + 1024] for i in range(0, count, 1024)]
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
+    chunks = [seeds[i:i + 256] for i in range(0, count, 256)]
+    # one thread a worker: forked workers inherit the parent's thread count, and several threads
+    # a worker on small tensors made drawing the clips 4x slower
+    with multiprocessing.get_context("fork").Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
         parts = pool.map(make_batch, chunks)
     return torch.cat([x for x, _, _ in parts]), torch.cat([m for _, m, _ in parts])
 
@@ -108,6 +129,17 @@ def augment(x0: torch.Tensor, mask: torch.Tensor, flips: torch.Tensor) -> tuple[
         rows = flips[:, axis].to(x0.device)
         x0[rows] = x0[rows].flip(axis + 2)    # x0 [B, 16, F, H, W]
         mask[rows] = mask[rows].flip(axis + 1)  # mask [B, F, H, W]
+    return x0, mask
+
+
+def crop(x0: torch.Tensor, mask: torch.Tensor, size: tuple[int, int], rng: torch.Generator
+         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random ``size`` (cells) window of each clip, the same for latents and mask (an exact slice)."""
+    height, width = x0.shape[-2:]
+    tops = torch.randint(0, height - size[0] + 1, (x0.shape[0],), generator=rng).tolist()
+    lefts = torch.randint(0, width - size[1] + 1, (x0.shape[0],), generator=rng).tolist()
+    x0 = torch.stack([x[..., t:t + size[0], l:l + size[1]] for x, t, l in zip(x0, tops, lefts)])
+    mask = torch.stack([m[..., t:t + size[0], l:l + size[1]] for m, t, l in zip(mask, tops, lefts)])
     return x0, mask
 
 
@@ -125,7 +157,8 @@ def save(model: torch.nn.Module, out: Path) -> dict[str, str]:
     return sums
 
 
-def record_in_readme(command: str, sums: dict[str, str], log: dict) -> None:
+def record_in_readme(proxy: str, command: str, sums: dict[str, str], log: dict) -> None:
+    BEGIN, END = markers(proxy)
     text = README.read_text()
     if BEGIN not in text or END not in text:
         print(f"warning: {README} has no {BEGIN} ... {END} block; not updated", file=sys.stderr)
@@ -155,25 +188,29 @@ def main(argv=None) -> None:
     torch.use_deterministic_algorithms(True, warn_only=device.type != "cpu")
     start = time.perf_counter()
 
-    x_pool, m_pool = make_pool(args.pool, args.workers)  # before any GPU work: workers are forked
+    x_pool, m_pool = make_pool(get_proxy(args.proxy).data.make_batch, args.pool, args.workers)  # before any GPU work: workers are forked
     gen_s = time.perf_counter() - start
 
     x_pool, m_pool = x_pool.to(device), m_pool.to(device)
     model = build_model(args.seed).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
-    text = prompt_embeds(args.batch).to(device)
     rng = torch.Generator().manual_seed(args.seed + 1)  # batches, flips, t, noise
 
     losses: list[float] = []
     order = torch.empty(0, dtype=torch.long)
     bar = tqdm(range(args.steps), desc="train")
     for step in bar:
-        if len(order) < args.batch:
+        cropping = step < args.crop_steps
+        batch = (args.crop_batch or args.batch) if cropping else args.batch
+        if len(order) < batch:
             order = torch.cat([order, torch.randperm(args.pool, generator=rng)])
-        index, order = order[:args.batch], order[args.batch:]
-        flips = torch.rand(args.batch, 3, generator=rng) < 0.5
-        x0, mask = augment(x_pool[index.to(device)], m_pool[index.to(device)], flips)
-        t = shift_sigma(torch.rand(args.batch, generator=rng), args.shift)
+        index, order = order[:batch], order[batch:]
+        flips = torch.rand(batch, 3, generator=rng) < 0.5
+        x0, mask = x_pool[index], m_pool[index]
+        if cropping:
+            x0, mask = crop(x0, mask, tuple(args.crop_size), rng)
+        x0, mask = augment(x0.to(device), mask.to(device), flips)
+        t = shift_sigma(torch.rand(batch, generator=rng), args.shift)
         noise = torch.randn(x0.shape, generator=rng)
         t, noise = t.to(device), noise.to(device)
         tb = t.view(-1, 1, 1, 1, 1)
@@ -181,7 +218,7 @@ def main(argv=None) -> None:
 
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
-        v = model(hidden_states=x_t, timestep=t * 1000, encoder_hidden_states=text,
+        v = model(hidden_states=x_t, timestep=t * 1000, encoder_hidden_states=prompt_embeds(batch).to(device),
                   control_hidden_states=vace_control(x0, mask), return_dict=False)[0]
         weight = 1 + (args.mask_weight - 1) * mask.unsqueeze(1)
         loss = (weight * (v - (noise - x0)) ** 2).mean() / weight.mean()
@@ -208,8 +245,8 @@ def main(argv=None) -> None:
         "machine": machine_description(), "sha256": sums,
     }
     (args.out / "train_log.json").write_text(json.dumps(log, indent=2) + "\n")
-    if args.out.resolve() == WEIGHTS_DIR.resolve():
-        record_in_readme(command, sums, log)
+    if args.out.resolve() == get_proxy(args.proxy).weights_dir.resolve():
+        record_in_readme(args.proxy, command, sums, log)
     size = (args.out / WEIGHTS_NAME).stat().st_size
     print(f"trained {args.steps} steps in {wall_s / 60:.1f} min (clips: {gen_s:.0f} s); "
           f"final loss {log['final_loss']:.4f}; {args.out / WEIGHTS_NAME}: {size / 1e6:.2f} MB, "
