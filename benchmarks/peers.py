@@ -253,30 +253,30 @@ HETCACHE_SETTINGS = [
     {"preset": "quality"},
     {"preset": "balanced"},
     {"preset": "fast"},
+    {"preset": "fast", "max_consecutive_reuse": 4},  # past 5x
     {"preset": "balanced", "partial": False},
     {"preset": "fast", "partial": False},
-    # zeroth-order reuse (the cached residual as is): the presets before reuse_order=1 became the default
-    {"preset": "quality", "reuse_order": 0},
+    # zeroth-order reuse (the cached residual as is, the paper's reuse)
     {"preset": "balanced", "reuse_order": 0},
-    {"preset": "fast", "reuse_order": 0},
-    {"preset": "quality", "max_consecutive_reuse": 2},
-    {"preset": "fast", "max_consecutive_reuse": 4},
-    {"preset": "fast", "max_consecutive_reuse": 4, "partial": False},
-    {"preset": "balanced", "max_consecutive_reuse": 1},
-    {"preset": "balanced", "context_ratio": 0.3, "margin_ratio": 0.75},
-    {"preset": "fast", "context_ratio": 0.05, "margin_ratio": 0.3},  # the fast preset before the first benchmark
-    # The default margin_radius (5 tokens) covers the proxy's whole 6 x 6 token grid, so the rows
-    # above have no context tokens; with a 1-token margin the context selection runs.
+    # the adaptive presets before the cadence presets (until 2026-12-03)
+    {"threshold": 1.2, "warmup_steps": 2, "refresh_interval": 5, "max_consecutive_reuse": 2, "context_ratio": 0.1,
+     "margin_ratio": 0.5},
+    {"threshold": 1.5, "warmup_steps": 2, "refresh_interval": 5, "max_consecutive_reuse": 3, "context_ratio": 0.1,
+     "margin_ratio": 0.5},
+    # partial steps only, no reuse between them: the cached context goes stale
+    {"preset": "balanced", "max_consecutive_reuse": 0, "margin_ratio": 0.25},
+    # the context share (on `tiles` every unedited token is margin at the default radius: margin_radius=1 rows)
+    {"preset": "balanced", "context_ratio": 0.0},
+    {"preset": "balanced", "context_ratio": 0.3},
     {"preset": "balanced", "margin_radius": 1},
-    {"preset": "fast", "margin_radius": 1},
-    {"preset": "balanced", "margin_radius": 1, "context_ratio": 0.0},
     {"preset": "balanced", "margin_radius": 1, "context_ratio": 0.3},
-    {"preset": "balanced", "margin_radius": 1, "num_clusters": 1},  # context by relevance alone
 ]
+# with the run's step count given, the presets' last call is a full step (``default_methods`` adds them)
+NUM_STEPS_PRESETS = ("balanced", "fast")
 # Ablation of the context choice: the same |S|, the context share spread evenly over the context
 # tokens in raster order, with no relevance and no clusters (``uniform_context_runner``).
 UNIFORM_CONTEXT_SETTINGS = [
-    {"preset": "balanced", "margin_radius": 1},
+    {"preset": "balanced", "context_ratio": 0.3},
     {"preset": "balanced", "margin_radius": 1, "context_ratio": 0.3},
 ]
 WRONG_HINTS = "wrong on WanVACE: the cached residual already holds the VACE hints, added again (reference.md)"
@@ -304,7 +304,8 @@ def default_methods(inner: str, ratios: list[float], steps: int = STEPS,
     methods += [Method("step skipping", f"{k} Euler steps", plain_runner, steps=k) for k in skipped]
     methods += [
         Method("hetcache", _describe(o), hetcache_runner(o, inner), hetcache=True, options_dict=o)
-        for o in (HETCACHE_SETTINGS if settings is None else settings)
+        for o in (HETCACHE_SETTINGS + [{"preset": p, "num_steps": steps} for p in NUM_STEPS_PRESETS]
+                  if settings is None else settings)
     ]
     methods += [
         Method("hetcache", _describe(o) + ", context picked uniformly (ablation)", uniform_context_runner(o, inner),

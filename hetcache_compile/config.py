@@ -1,8 +1,8 @@
 """``HetCacheConfig``: every option of the backend, validated, with presets.
 
 >>> from hetcache_compile import HetCacheConfig
->>> HetCacheConfig.from_options({"preset": "fast"}).threshold
-1.5
+>>> HetCacheConfig.from_options({"preset": "fast"}).max_consecutive_reuse
+3
 >>> HetCacheConfig.from_options({"schedule": "FFRF"}).schedule
 'FFRF'
 """
@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -32,24 +33,26 @@ _FIXED_SCHEDULE = re.compile(r"^F[FPR]*$")
 PRUNE_MODES = ("block", "attention")
 
 PRESETS: dict[str, dict[str, object]] = {
-    # threshold: accumulated modulation change below which a step reuses the cached residual;
+    # Each preset is a cadence: a full step, then `max_consecutive_reuse` reuse steps, then a partial
+    # step, the same reuses, a full step again (warmup_steps=1, refresh_interval=2: computed steps
+    # alternate full and partial), and the last call full when num_steps is given. threshold=inf
+    # turns the modulation test off, so the cadence alone sets the pattern; a finite threshold (the
+    # accumulated relative L1 change of the timestep modulation) makes it adaptive again.
     # context_ratio / margin_ratio: shares of context and margin tokens a partial step computes.
-    # Thresholds are on the raw relative L1 change of the timestep modulation (no rescale).
-    # Chosen with benchmarks/quality.py on the trained proxy (16 held-out clips, in-mask PSNR vs
-    # full compute, FLOPs reduction). First round, first proxy, zeroth-order reuse: quality 42.5 dB
-    # at 1.77x; balanced 34.5 dB at 3.04x; fast had context 0.05 / margin 0.3 (29.7 dB at 4.70x,
-    # under the 30 dB bar) and took balanced's token shares with a reuse cap of 3 (30.8 dB at 4.07x).
-    # With reuse_order=1 (default since): 52.4 / 38.8 / 32.7 dB at 1.77x / 3.04x / 4.07x; a reuse cap
-    # of 4 fell behind step skipping, so fast keeps 3. Rechecked on the second proxy (4 channels,
-    # 2026-11-26): 51.8 / 39.6 / 32.0 dB at 1.79x / 3.11x / 4.21x; a cap of 4 (30.0 dB at 4.87x)
-    # still falls behind 4 Euler steps (30.6 dB at 5.00x). The threshold did not bind on the first
-    # proxy (0.4-1.6 gave the same schedule): the reuse cap and refresh interval set the step
-    # pattern. context_ratio is not set by that benchmark: at the default margin_radius the proxy's
-    # 6 x 6 token grid has no context tokens. Its rows with margin_radius=1 show the share matters
-    # (balanced, context 0 / 0.1 / 0.3: 37.4 / 37.5 / 38.6 dB at 3.93x / 3.73x / 3.41x).
-    "quality": {"threshold": 0.6, "max_consecutive_reuse": 1, "context_ratio": 0.2, "margin_ratio": 1.0},
-    "balanced": {"threshold": 1.2, "max_consecutive_reuse": 2, "context_ratio": 0.1, "margin_ratio": 0.5},
-    "fast": {"threshold": 1.5, "max_consecutive_reuse": 3, "context_ratio": 0.1, "margin_ratio": 0.5},
+    #
+    # Chosen with benchmarks/quality.py on both trained proxies (`tiles`, 6 x 6 tokens a frame, and
+    # `scenes`, 16 x 28), 20 and 50 Euler steps, in-mask PSNR against full compute at equal FLOPs
+    # with step skipping (docs/design-notes.md, "Presets"). What decided it: computed steps spread
+    # evenly through the run, half of them partial (the edit's tokens fresh, the context's keys and
+    # values a few steps old), beat the earlier adaptive presets (warm-up of 2 full steps, a full
+    # step every 5th computed step, thresholds 0.6 / 1.2 / 1.5) by 2 to 7 dB at the same FLOPs on
+    # both proxies; partial steps alone (no reuse between them) lose, the cached context grows stale.
+    "quality": {"threshold": math.inf, "warmup_steps": 1, "refresh_interval": 2, "max_consecutive_reuse": 1,
+                "context_ratio": 0.2, "margin_ratio": 1.0},
+    "balanced": {"threshold": math.inf, "warmup_steps": 1, "refresh_interval": 2, "max_consecutive_reuse": 2,
+                 "context_ratio": 0.1, "margin_ratio": 0.5},
+    "fast": {"threshold": math.inf, "warmup_steps": 1, "refresh_interval": 2, "max_consecutive_reuse": 3,
+             "context_ratio": 0.1, "margin_ratio": 0.25},
 }
 
 
@@ -58,8 +61,9 @@ class HetCacheConfig:
     """Options of ``torch.compile(m, backend="hetcache", options={...})``.
 
     Attributes:
-        preset: ``"quality"``, ``"balanced"`` (default) or ``"fast"``; sets ``threshold`` and
-            ``max_consecutive_reuse`` unless those are given explicitly.
+        preset: ``"quality"``, ``"balanced"`` (default) or ``"fast"``; sets ``threshold``,
+            ``warmup_steps``, ``refresh_interval``, ``max_consecutive_reuse``, ``context_ratio``
+            and ``margin_ratio`` unless those are given explicitly (``PRESETS``).
         schedule: ``"adaptive"`` (classify each call from the timestep modulation), ``"full"``
             (never skip: for verification), or a fixed string with one letter per call of a CFG
             branch, ``F`` full, ``P`` partial or ``R`` reuse, starting with ``F``; its last letter
@@ -112,8 +116,8 @@ class HetCacheConfig:
     preset: str = "balanced"
     schedule: str = "adaptive"
     threshold: float = field(default=PRESETS["balanced"]["threshold"])
-    warmup_steps: int = 2
-    refresh_interval: int = 5
+    warmup_steps: int = field(default=PRESETS["balanced"]["warmup_steps"])
+    refresh_interval: int = field(default=PRESETS["balanced"]["refresh_interval"])
     max_consecutive_reuse: int = field(default=PRESETS["balanced"]["max_consecutive_reuse"])
     reuse_order: int = 1
     num_steps: int | None = None

@@ -5,15 +5,19 @@ from hetcache_compile.config import PRESETS
 
 
 def test_defaults_are_the_balanced_preset():
-    config = HetCacheConfig.from_options(None)
-    assert config.preset == "balanced"
-    assert config.threshold == PRESETS["balanced"]["threshold"]
+    for config in (HetCacheConfig.from_options(None), HetCacheConfig()):
+        assert config.preset == "balanced"
+        for key, value in PRESETS["balanced"].items():
+            assert getattr(config, key) == value, key
 
 
 def test_preset_sets_values_and_explicit_options_win():
     fast = HetCacheConfig.from_options({"preset": "fast"})
-    assert fast.threshold == PRESETS["fast"]["threshold"] > PRESETS["quality"]["threshold"]
+    quality = HetCacheConfig.from_options({"preset": "quality"})
+    assert fast.max_consecutive_reuse > quality.max_consecutive_reuse
+    assert fast.margin_ratio < quality.margin_ratio
     assert HetCacheConfig.from_options({"preset": "fast", "threshold": 0.01}).threshold == 0.01
+    assert HetCacheConfig.from_options({"preset": "fast", "refresh_interval": 5}).refresh_interval == 5
 
 
 def test_unknown_key_names_the_key_and_the_allowed_ones():

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from hetcache_compile import HetCacheConfig
@@ -56,3 +57,21 @@ def test_adaptive_partial_band_falls_on_full_at_refresh():
     scheduler = AdaptiveSchedule(config)
     # change 0.6 per step: in [τ, 1.5τ) -> partial, but every 2nd computed step is a refresh
     assert kinds(scheduler, growing(1.6, 4)) == "FPFPF"
+
+
+@pytest.mark.parametrize(("preset", "pattern"), [
+    ("quality", "FRPRFRPRFR"),
+    ("balanced", "FRRPRRFRRP"),
+    ("fast", "FRRRPRRRFR"),
+])
+def test_presets_are_a_cadence_of_full_and_partial_steps_with_reuse_between(preset, pattern):
+    """The presets' measured pattern (docs/design-notes.md): computed steps spread evenly, alternating F/P."""
+    scheduler = make_scheduler(HetCacheConfig.from_options({"preset": preset}))
+    modulation = torch.zeros(4)
+    assert "".join(scheduler.next_kind(modulation).value[0].upper() for _ in range(10)) == pattern
+
+
+def test_presets_end_on_a_full_step_when_the_step_count_is_known():
+    scheduler = make_scheduler(HetCacheConfig.from_options({"preset": "fast", "num_steps": 7}))
+    kinds = "".join(scheduler.next_kind(torch.zeros(4)).value[0].upper() for _ in range(7))
+    assert kinds == "FRRRPRF"
