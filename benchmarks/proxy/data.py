@@ -140,17 +140,46 @@ def _rotate(x: torch.Tensor, y: torch.Tensor, angle: float) -> tuple[torch.Tenso
     return c * x + s * y, -s * x + c * y
 
 
-def make_clip(seed: int, frames: int = FRAMES, height: int = HEIGHT, width: int = WIDTH,
-              kind: str | None = None) -> Clip:
-    """The clip of ``seed``: clean latents and a mask of ``kind`` (default ``MASK_KINDS[seed % 3]``)."""
-    kind = kind or MASK_KINDS[seed % len(MASK_KINDS)]
-    if kind not in MASK_KINDS:
-        raise ValueError(f"kind must be one of {MASK_KINDS}, got {kind!r}")
-    d = _Draw(seed)
+def _mask_kind(seed: int, kind: str | None, kinds: Sequence[str]) -> str:
+    """``kind``, or the seed's turn among ``kinds``; a ``ValueError`` for a kind not among them."""
+    kind = kind or kinds[seed % len(kinds)]
+    if kind not in kinds:
+        raise ValueError(f"kind must be one of {tuple(kinds)}, got {kind!r}")
+    return kind
+
+
+def _supersampled_grid(height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cell coordinates ``(gy, gx)`` of the ``SUPERSAMPLE``-times finer grid shapes are drawn on."""
     s = SUPERSAMPLE
     ys = (torch.arange(height * s, dtype=torch.float32) + 0.5) / s
     xs = (torch.arange(width * s, dtype=torch.float32) + 0.5) / s
-    gy, gx = torch.meshgrid(ys, xs, indexing="ij")  # super-sampled cell coordinates
+    return torch.meshgrid(ys, xs, indexing="ij")
+
+
+def _object_centre(obj: dict, t: int, frames: int) -> tuple[float, float]:
+    """Where an object moving at ``velocity`` from ``mid`` (its centre in the middle frame) is in frame ``t``."""
+    dt = t - (frames - 1) / 2
+    return obj["mid"][0] + obj["velocity"][0] * dt, obj["mid"][1] + obj["velocity"][1] * dt
+
+
+def _paint_object(frame: torch.Tensor, obj: dict, centre: tuple[float, float], gx: torch.Tensor,
+                  gy: torch.Tensor) -> torch.Tensor:
+    """``frame`` with ``obj`` (a box or an ellipse, half sizes ``a``, ``b``; colour + texture) drawn at ``centre``."""
+    dx, dy = gx - centre[0], gy - centre[1]
+    if obj["shape"] == "box":
+        inside = (dx.abs() <= obj["a"]) & (dy.abs() <= obj["b"])
+    else:
+        inside = (dx / obj["a"]) ** 2 + (dy / obj["b"]) ** 2 <= 1
+    return torch.where(inside, obj["colour"][:, None, None] + obj["texture"](dx, dy), frame)
+
+
+def make_clip(seed: int, frames: int = FRAMES, height: int = HEIGHT, width: int = WIDTH,
+              kind: str | None = None) -> Clip:
+    """The clip of ``seed``: clean latents and a mask of ``kind`` (default ``MASK_KINDS[seed % 3]``)."""
+    kind = _mask_kind(seed, kind, MASK_KINDS)
+    d = _Draw(seed)
+    s = SUPERSAMPLE
+    gy, gx = _supersampled_grid(height, width)
 
     # background: base colour + scrolling gradient + scrolling texture
     base = d.colour(0.3)
@@ -169,10 +198,6 @@ def make_clip(seed: int, frames: int = FRAMES, height: int = HEIGHT, width: int 
             colour=d.colour(1.0), texture=_texture(d, OBJECT_TEXTURE_SCALE),
         ))
 
-    def centre(obj: dict, t: int) -> tuple[float, float]:
-        dt = t - (frames - 1) / 2
-        return obj["mid"][0] + obj["velocity"][0] * dt, obj["mid"][1] + obj["velocity"][1] * dt
-
     video = []
     for t in range(frames):
         u, _ = _rotate(gx, gy, grad_angle)
@@ -180,14 +205,7 @@ def make_clip(seed: int, frames: int = FRAMES, height: int = HEIGHT, width: int 
         frame = (base[:, None, None] + grad_colour[:, None, None] * ramp
                  + background_texture(gx - scroll_velocity[0] * t, gy - scroll_velocity[1] * t))
         for obj in objects:
-            cx, cy = centre(obj, t)
-            dx, dy = gx - cx, gy - cy
-            if obj["shape"] == "box":
-                inside = (dx.abs() <= obj["a"]) & (dy.abs() <= obj["b"])
-            else:
-                inside = (dx / obj["a"]) ** 2 + (dy / obj["b"]) ** 2 <= 1
-            value = obj["colour"][:, None, None] + obj["texture"](dx, dy)
-            frame = torch.where(inside, value, frame)
+            frame = _paint_object(frame, obj, _object_centre(obj, t, frames), gx, gy)
         video.append(F.avg_pool2d(frame[None], s)[0])
     x0 = torch.stack(video, dim=1) * SCALE  # [C, F, H, W]
 
@@ -212,7 +230,7 @@ def make_clip(seed: int, frames: int = FRAMES, height: int = HEIGHT, width: int 
         h, w = d.integer(3, 5), d.integer(3, 5)
         off_x, off_y = d.uniform(-1.0, 1.0), d.uniform(-1.0, 1.0)
         for t in range(frames):
-            cx, cy = centre(obj, t)
+            cx, cy = _object_centre(obj, t, frames)
             left = min(max(round(cx + off_x - w / 2), 0), width - w)
             top = min(max(round(cy + off_y - h / 2), 0), height - h)
             mask[t, top:top + h, left:left + w] = 1.0
@@ -221,8 +239,11 @@ def make_clip(seed: int, frames: int = FRAMES, height: int = HEIGHT, width: int 
 
 def make_batch(seeds: Iterable[int], **kwargs) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Stack clips: ``x0 [B, C, F, H, W]``, ``mask [B, F, H, W]``, and the mask kinds."""
-    clips = [make_clip(seed, **kwargs) for seed in seeds]
-    return (torch.stack([c.x0 for c in clips]), torch.stack([c.mask for c in clips]), [c.kind for c in clips])
+    return stack_clips([make_clip(seed, **kwargs) for seed in seeds])
+
+
+def stack_clips(clips: Sequence[Clip]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    return torch.stack([c.x0 for c in clips]), torch.stack([c.mask for c in clips]), [c.kind for c in clips]
 
 
 if __name__ == "__main__":  # quick look at the data's statistics

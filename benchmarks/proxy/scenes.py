@@ -39,7 +39,21 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 
-from .data import CHANNELS, HELDOUT_SEED_BASE, SUPERSAMPLE, Clip, _Draw, _texture, heldout_seeds, train_seeds
+from .data import (
+    CHANNELS,
+    HELDOUT_SEED_BASE,
+    SUPERSAMPLE,
+    Clip,
+    _Draw,
+    _mask_kind,
+    _object_centre,
+    _paint_object,
+    _supersampled_grid,
+    _texture,
+    heldout_seeds,
+    stack_clips,
+    train_seeds,
+)
 
 FRAMES = 3
 HEIGHT = 32   # 16 tokens
@@ -118,14 +132,9 @@ def _mask(d: _Draw, kind: str, frames: int, height: int, width: int, track) -> t
 def make_clip(seed: int, frames: int = FRAMES, height: int = HEIGHT, width: int = WIDTH,
               kind: str | None = None) -> Clip:
     """The clip of ``seed``: clean latents ``[C, F, H, W]`` and a mask of ``kind`` (default by ``seed % 4``)."""
-    kind = kind or MASK_KINDS[seed % len(MASK_KINDS)]
-    if kind not in MASK_KINDS:
-        raise ValueError(f"kind must be one of {MASK_KINDS}, got {kind!r}")
+    kind = _mask_kind(seed, kind, MASK_KINDS)
     d = _Draw(seed)
-    s = SUPERSAMPLE
-    ys = (torch.arange(height * s, dtype=torch.float32) + 0.5) / s
-    xs = (torch.arange(width * s, dtype=torch.float32) + 0.5) / s
-    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    gy, gx = _supersampled_grid(height, width)
 
     paint = _layout(d, height, width)
     pan = (d.uniform(0.5, 2.0) * d.choice((-1, 1)), d.uniform(0.0, 1.0) * d.choice((-1, 1)))  # cells a frame
@@ -140,32 +149,21 @@ def make_clip(seed: int, frames: int = FRAMES, height: int = HEIGHT, width: int 
             colour=d.colour(1.0), texture=_texture(d, OBJECT_TEXTURE_SCALE),
         ))
 
-    def centre(obj: dict, t: int) -> tuple[float, float]:
-        dt = t - (frames - 1) / 2
-        return obj["mid"][0] + obj["velocity"][0] * dt, obj["mid"][1] + obj["velocity"][1] * dt
-
     video = []
     for t in range(frames):
         dt = t - (frames - 1) / 2
         frame = paint(gx - pan[0] * dt, gy - pan[1] * dt)
         for obj in objects:
-            cx, cy = centre(obj, t)
-            dx, dy = gx - cx, gy - cy
-            if obj["shape"] == "box":
-                inside = (dx.abs() <= obj["a"]) & (dy.abs() <= obj["b"])
-            else:
-                inside = (dx / obj["a"]) ** 2 + (dy / obj["b"]) ** 2 <= 1
-            frame = torch.where(inside, obj["colour"][:, None, None] + obj["texture"](dx, dy), frame)
-        video.append(F.avg_pool2d(frame[None], s)[0])
+            frame = _paint_object(frame, obj, _object_centre(obj, t, frames), gx, gy)
+        video.append(F.avg_pool2d(frame[None], SUPERSAMPLE)[0])
     x0 = torch.stack(video, dim=1) * SCALE
-    mask = _mask(d, kind, frames, height, width, lambda t: centre(objects[-1], t))
+    mask = _mask(d, kind, frames, height, width, lambda t: _object_centre(objects[-1], t, frames))
     return Clip(x0=x0, mask=mask, kind=kind, seed=seed)
 
 
 def make_batch(seeds: Iterable[int], **kwargs) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Stack clips: ``x0 [B, C, F, H, W]``, ``mask [B, F, H, W]``, and the mask kinds."""
-    clips = [make_clip(seed, **kwargs) for seed in seeds]
-    return torch.stack([c.x0 for c in clips]), torch.stack([c.mask for c in clips]), [c.kind for c in clips]
+    return stack_clips([make_clip(seed, **kwargs) for seed in seeds])
 
 
 if __name__ == "__main__":  # the data's statistics
