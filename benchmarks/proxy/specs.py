@@ -18,6 +18,7 @@ from pathlib import Path
 from types import ModuleType
 
 from . import data, scenes
+from .model import PROXY_CONFIG
 
 HERE = Path(__file__).resolve().parent
 
@@ -37,7 +38,8 @@ class ProxySpec:
 
     @property
     def num_tokens(self) -> int:
-        return self.data.FRAMES * (self.data.HEIGHT // 2) * (self.data.WIDTH // 2)
+        pf, ph, pw = PROXY_CONFIG["patch_size"]
+        return (self.data.FRAMES // pf) * (self.data.HEIGHT // ph) * (self.data.WIDTH // pw)
 
 
 PROXIES: dict[str, ProxySpec] = {

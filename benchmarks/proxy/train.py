@@ -66,12 +66,12 @@ def markers(proxy: str) -> tuple[str, str]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    # --proxy is read first: it sets the other options' defaults
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--proxy", default="tiles", choices=sorted(PROXIES))
+    pre.add_argument("--proxy", default="tiles", choices=sorted(PROXIES), help="which proxy (benchmarks/proxy/specs.py)")
     proxy = get_proxy(pre.parse_known_args(argv)[0].proxy)
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[pre],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--proxy", default="tiles", choices=sorted(PROXIES), help="which proxy (benchmarks/proxy/specs.py)")
     p.add_argument("--steps", type=int, default=3200)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -195,6 +195,7 @@ def main(argv=None) -> None:
     model = build_model(args.seed).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
     rng = torch.Generator().manual_seed(args.seed + 1)  # batches, flips, t, noise
+    texts = {b: prompt_embeds(b).to(device) for b in {args.batch, args.crop_batch or args.batch}}
 
     losses: list[float] = []
     order = torch.empty(0, dtype=torch.long)
@@ -218,7 +219,7 @@ def main(argv=None) -> None:
 
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
-        v = model(hidden_states=x_t, timestep=t * 1000, encoder_hidden_states=prompt_embeds(batch).to(device),
+        v = model(hidden_states=x_t, timestep=t * 1000, encoder_hidden_states=texts[batch],
                   control_hidden_states=vace_control(x0, mask), return_dict=False)[0]
         weight = 1 + (args.mask_weight - 1) * mask.unsqueeze(1)
         loss = (weight * (v - (noise - x0)) ** 2).mean() / weight.mean()
