@@ -271,8 +271,6 @@ HETCACHE_SETTINGS = [
     {"preset": "balanced", "margin_radius": 1},
     {"preset": "balanced", "margin_radius": 1, "context_ratio": 0.3},
 ]
-# with the run's step count given, the presets' last call is a full step (``default_methods`` adds them)
-NUM_STEPS_PRESETS = ("balanced", "fast")
 # Ablation of the context choice: the same |S|, the context share spread evenly over the context
 # tokens in raster order, with no relevance and no clusters (``uniform_context_runner``).
 UNIFORM_CONTEXT_SETTINGS = [
@@ -304,8 +302,7 @@ def default_methods(inner: str, ratios: list[float], steps: int = STEPS,
     methods += [Method("step skipping", f"{k} Euler steps", plain_runner, steps=k) for k in skipped]
     methods += [
         Method("hetcache", _describe(o), hetcache_runner(o, inner), hetcache=True, options_dict=o)
-        for o in (HETCACHE_SETTINGS + [{"preset": p, "num_steps": steps} for p in NUM_STEPS_PRESETS]
-                  if settings is None else settings)
+        for o in (HETCACHE_SETTINGS if settings is None else settings)
     ]
     methods += [
         Method("hetcache", _describe(o) + ", context picked uniformly (ablation)", uniform_context_runner(o, inner),

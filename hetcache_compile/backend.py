@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 
 from .compiled import compile_graph, inner_compiler
-from .config import HetCacheConfig
+from .config import HetCacheConfig, HetCacheOptionsError
 from .instances import CompiledFrom, InstanceTable, instance_position
 from .passes import RewriteRefused, analyze, build_variants, is_symbolic
 from .runtime import LIVE_RUNTIMES, HetCacheRuntime
@@ -91,8 +91,10 @@ class HetCacheBackend:
         try:
             analysis = analyze(gm, example_inputs)
             _check_schedule(config, analysis)
+            _check_cache_dtype(config, example_inputs)
             variants = build_variants(gm, analysis, example_inputs, relevance_site=config.relevance_site,
-                                      partial=config.partial, prune=config.prune)
+                                      partial=config.partial, prune=config.prune,
+                                      cache_dtype=config.cache_torch_dtype)
         except RewriteRefused as refused:
             return self._fallback(gm, example_inputs, str(refused), config, frame_id, in_dynamo)
         logger.info("hetcache rewrote a graph of %d nodes:\n%s", len(gm.graph.nodes), analysis.report())
@@ -131,3 +133,16 @@ hetcache_backend = HetCacheBackend()
 
 
 __all__ = ["FallbackRuntime", "hetcache_backend"]
+
+
+def _check_cache_dtype(config: HetCacheConfig, example_inputs: Sequence[object]) -> None:
+    """float8 caches compile to float8 conversions, which CUDA GPUs before compute capability 8.9 lack."""
+    if config.cache_dtype != "float8_e4m3fn":
+        return
+    devices = {x.device for x in example_inputs if isinstance(x, torch.Tensor) and x.device.type == "cuda"}
+    for device in devices:
+        if torch.cuda.get_device_capability(device) < (8, 9):
+            raise HetCacheOptionsError(
+                f"hetcache: cache_dtype='float8_e4m3fn' needs a GPU of compute capability 8.9 or newer; "
+                f"{torch.cuda.get_device_name(device)} has {torch.cuda.get_device_capability(device)}: "
+                "use cache_dtype='bfloat16'")

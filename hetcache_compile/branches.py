@@ -96,6 +96,12 @@ class BranchTable:
         self.make_state = make_state
         self.live: OrderedDict[tuple, BranchState] = OrderedDict()
         self.finished: dict[str, BranchStats] = {}  # merged stats of dropped branches, by name
+        self.last_run_calls: int | None = None  # calls a branch made in the last run a new one ended
+
+    def end_run(self, state: BranchState) -> None:
+        """``state``'s run is over because a new run started: remember how many calls it had."""
+        if state.scheduler.calls:
+            self.last_run_calls = state.scheduler.calls
 
     def lookup(self, key: tuple, timestep: float | None) -> BranchState:
         state = self.live.get(key)
@@ -111,6 +117,7 @@ class BranchTable:
             return
         for key, state in list(self.live.items()):
             if state is not keep and state.last_timestep is not None and state.last_timestep < timestep:
+                self.end_run(state)
                 self._drop(key, "it belongs to an earlier run")
 
     def others(self, state: BranchState) -> list[BranchState]:

@@ -15,6 +15,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import torch
+
 from torch._dynamo.exc import ShortenTraceback
 
 # Public TeaCache polynomial for Wan2.1 T2V-1.3B on the timestep embedding ("ret_steps" mode):
@@ -31,11 +33,13 @@ CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
 SCHEDULE_MODES = ("adaptive", "full")
 _FIXED_SCHEDULE = re.compile(r"^F[FPR]*$")
 PRUNE_MODES = ("block", "attention")
+# storage types of the partial steps' key/value caches (passes/cache_codec.py)
+CACHE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float8_e4m3fn": torch.float8_e4m3fn}
 
 PRESETS: dict[str, dict[str, object]] = {
     # Each preset is a cadence: a full step, then `max_consecutive_reuse` reuse steps, then a partial
     # step, the same reuses, a full step again (warmup_steps=1, refresh_interval=2: computed steps
-    # alternate full and partial), and the last call full when num_steps is given. threshold=inf
+    # alternate full and partial), and the last call full (num_steps, or learned from the last run). threshold=inf
     # turns the modulation test off, so the cadence alone sets the pattern; a finite threshold (the
     # accumulated relative L1 change of the timestep modulation) makes it adaptive again.
     # context_ratio / margin_ratio: shares of context and margin tokens a partial step computes.
@@ -78,6 +82,10 @@ class HetCacheConfig:
             block features; one more residual-sized tensor per branch); ``0``: it adds the last
             computed step's residual as is (the paper's reuse).
         num_steps: number of calls per branch in a run, if known: the last one is then full.
+            ``None`` (default): each run expects as many calls as the model's last finished run
+            had (learned per model instance and graph), so from the second video on the last
+            call is full without being told. A run of another length costs at most one extra
+            full step (longer: one lands where the last run ended) or misses its final one.
         rescale: name in ``RESCALE_POLYNOMIALS`` or polynomial coefficients (highest power
             first) applied to each relative change before accumulating; ``None`` for identity.
         inner_backend: compiler for each variant: ``"inductor"``, ``"aot_eager"`` or ``"eager"``.
@@ -107,6 +115,11 @@ class HetCacheConfig:
             self-attention queries are restricted to S; cross-attention and FFN see all tokens,
             as in the paper's code).
         partial: build partial steps at all (``False``: step-level caching only).
+        cache_dtype: how the partial steps' context keys and values are stored between steps:
+            ``None`` (as computed), ``"bfloat16"``, ``"float16"``, or ``"float8_e4m3fn"`` (a
+            float32 scale per token and head; about half the bytes of bfloat16; on CUDA it needs
+            compute capability 8.9 or newer). Decoded inside the partial graph. ``prune="block"``
+            only.
         size_buckets: |S| is rounded up to a multiple of ``ceil(N / size_buckets)`` by computing
             extra context tokens (the most relevant ones left), so videos with different masks
             share compiled partial variants: at most ``size_buckets`` of them per resolution.
@@ -135,6 +148,7 @@ class HetCacheConfig:
     relevance_site: int | str = -1
     prune: str = "block"
     partial: bool = True
+    cache_dtype: str | None = None
     size_buckets: int = 32
 
     def __post_init__(self) -> None:
@@ -166,6 +180,10 @@ class HetCacheConfig:
                  "relevance_site", self.relevance_site, "an int index of a self-attention site or a module path")
         _require(self.prune in PRUNE_MODES, "prune", self.prune, f"one of {list(PRUNE_MODES)}")
         _require(isinstance(self.partial, bool), "partial", self.partial, "True or False")
+        _require(self.cache_dtype is None or self.cache_dtype in CACHE_DTYPES, "cache_dtype", self.cache_dtype,
+                 f"None or one of {list(CACHE_DTYPES)}")
+        _require(self.cache_dtype is None or self.prune == "block", "cache_dtype", self.cache_dtype,
+                 "None with prune='attention' (its caches are rewritten every partial step)")
         _require(self.inner_backend in INNER_BACKENDS, "inner_backend", self.inner_backend,
                  f"one of {list(INNER_BACKENDS)}")
         if self.mode in CUDAGRAPH_MODES:
@@ -200,9 +218,15 @@ class HetCacheConfig:
         preset = options.get("preset", "balanced")
         _require(preset in PRESETS, "preset", preset, f"one of {sorted(PRESETS)}")
         merged = {**PRESETS[preset], **options}
+        if isinstance(merged.get("cache_dtype"), torch.dtype):
+            merged["cache_dtype"] = str(merged["cache_dtype"]).removeprefix("torch.")
         if isinstance(merged.get("rescale"), list):
             merged["rescale"] = tuple(merged["rescale"])
         return cls(**merged)
+
+    @property
+    def cache_torch_dtype(self) -> torch.dtype | None:
+        return None if self.cache_dtype is None else CACHE_DTYPES[self.cache_dtype]
 
     def rescale_coefficients(self) -> tuple[float, ...] | None:
         if self.rescale is None:

@@ -219,6 +219,7 @@ class HetCacheRuntime:
         if went_up or changed:
             why = "timestep went up" if went_up else "a conditioning input changed"
             logger.info("branch %s: new run (%s)", state.stats.name, why)
+            instance.branches.end_run(state)
             state.reset()
         if went_up:
             instance.branches.drop_earlier_runs(timestep, keep=state)
@@ -226,6 +227,8 @@ class HetCacheRuntime:
             self._drop_earlier_runs_elsewhere(args, timestep)
             state.stats.runs += 1
             state.classes = self._token_classes(instance, args)
+            if self.config.num_steps is None:  # no length given: expect the last run's
+                state.scheduler.expected_calls = instance.branches.last_run_calls
         state.last_timestep = timestep
         state.conditioning = conditioning
 

@@ -42,6 +42,8 @@ class StepScheduler:
 
     def reset(self) -> None:
         self.calls = 0
+        # calls this run is expected to have: ``num_steps``, or what the runtime learned from the last run
+        self.expected_calls: int | None = self.config.num_steps
 
     def next_kind(self, modulation: torch.Tensor | None) -> StepKind:
         kind = self._choose(modulation)
@@ -71,7 +73,8 @@ class AdaptiveSchedule(StepScheduler):
     """Accumulate the modulation change; reuse while it stays below the threshold.
 
     Always full: the first ``warmup_steps`` calls, every ``refresh_interval``-th computed step,
-    the last call when ``num_steps`` is known, and after ``max_consecutive_reuse`` reuses.
+    the last call when the run's length is known (``expected_calls``), and after
+    ``max_consecutive_reuse`` reuses.
     ``τ ≤ A < 1.5τ`` asks for a partial step; the runtime computes fully where partial steps are
     unavailable.
     """
@@ -90,7 +93,7 @@ class AdaptiveSchedule(StepScheduler):
         change = 0.0 if self.previous is None else self._rescale(relative_l1(modulation, self.previous))
         self.previous = modulation.detach().clone()
         self.accumulated += change
-        is_last = cfg.num_steps is not None and self.calls == cfg.num_steps - 1
+        is_last = self.expected_calls is not None and self.calls == self.expected_calls - 1
         if self.calls < cfg.warmup_steps or is_last:
             return self._computed(StepKind.FULL)
         if self.accumulated < cfg.threshold and self.consecutive_reuse < cfg.max_consecutive_reuse:

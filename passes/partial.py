@@ -1,11 +1,12 @@
 """Build the *partial* variant: compute the selected tokens S, reuse cached rows for the rest.
 
-Contract: ``build_partial_variant(gm, region, token_inputs, sites)`` returns a new GraphModule
+Contract: ``build_partial_variant(gm, region, token_inputs, sites, codec=CacheCodec())`` returns a new GraphModule
 whose placeholders are ``gm``'s followed by ``hetcache_index`` (int64 ``[|S|]``, sorted token
 indices), ``hetcache_exit_cache`` (the region exit of the last computed step, all tokens) and
 ``hetcache_k{j}``, ``hetcache_v{j}`` for each self-attention site j: the *context cache*, the
 keys/values of the last full step for the N - |S| tokens outside S, in the layout attention
-reads them, in any order along the token axis. It:
+reads them, in any order along the token axis, each stored as ``codec`` says (float8: data
+``hetcache_k{j}`` and scale ``hetcache_k{j}_scale``; decoded in the graph). It:
 
 1. gathers every token input of the region at S (``token_inputs``: name -> token dim);
 2. runs the region on |S| tokens; at each self-attention site the keys and values are the
@@ -36,9 +37,11 @@ import torch
 import torch.fx as fx
 
 from .attention import attention_operand
+from .cache_codec import CacheCodec
 from .errors import RewriteRefused
 from .graph_utils import (
     copy_graph_module,
+    example_value,
     finalize,
     insert_residual,
     output_node,
@@ -53,13 +56,13 @@ INDEX_INPUT = "hetcache_index"
 EXIT_CACHE_INPUT = "hetcache_exit_cache"
 
 
-def cache_input_names(num_sites: int, prune: str = "block") -> list[str]:
+def cache_input_names(num_sites: int, prune: str = "block", codec: CacheCodec = CacheCodec()) -> list[str]:
     """Placeholder names the partial variant adds, in order."""
     if prune == "attention":
         return [INDEX_INPUT] + [f"hetcache_a{j}" for j in range(num_sites)]
     names = [INDEX_INPUT, EXIT_CACHE_INPUT]
     for j in range(num_sites):
-        names += [f"hetcache_k{j}", f"hetcache_v{j}"]
+        names += codec.names(f"hetcache_k{j}") + codec.names(f"hetcache_v{j}")
     return names
 
 
@@ -73,11 +76,11 @@ def set_attention_operand(node: fx.Node, index: int, name: str, value: fx.Node) 
 
 
 def build_partial_variant(gm: fx.GraphModule, region: TokenRegion, token_inputs: dict[str, int],
-                          sites: Sequence[str]) -> fx.GraphModule:
+                          sites: Sequence[str], codec: CacheCodec = CacheCodec()) -> fx.GraphModule:
     partial = copy_graph_module(gm)
     graph = partial.graph
     by_name = {n.name: n for n in graph.nodes}
-    inputs = _add_placeholders(graph, cache_input_names(len(sites)))
+    inputs = _add_placeholders(graph, cache_input_names(len(sites), codec=codec))
     index = inputs[INDEX_INPUT]
 
     for name, dim in token_inputs.items():
@@ -93,8 +96,10 @@ def build_partial_variant(gm: fx.GraphModule, region: TokenRegion, token_inputs:
         for operand, (position, keyword) in (("k", (1, "key")), ("v", (2, "value"))):
             fresh = attention_operand(site, position, keyword)
             dim = len(tensor_shape(fresh)) - 2
+            stored = [inputs[name] for name in codec.names(f"hetcache_{operand}{j}")]
+            cached = codec.decode(graph, stored, example_value(fresh).dtype, before=site)
             with graph.inserting_before(site):
-                keys = graph.call_function(torch.cat, ([inputs[f"hetcache_{operand}{j}"], fresh], dim))
+                keys = graph.call_function(torch.cat, ([cached, fresh], dim))
             set_attention_operand(site, position, keyword, keys)
 
     exit_node, stream = by_name[region.exit], by_name[region.stream_input]

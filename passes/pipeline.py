@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 
 from .attention import AttentionSite, attention_operand, find_attention_sites
+from .cache_codec import CacheCodec
 from .errors import PassFailed, RewriteRefused
 from .graph_utils import ancestors, example_value, is_state_placeholder, output_node, placeholders
 from .partial import build_attention_partial_variant, build_partial_variant, cache_input_names
@@ -119,11 +120,13 @@ class Variants:
     cached_sites: tuple[str, ...]  # self-attention nodes whose caches the variants exchange
     relevance_site: AttentionSite | None
     prune: str = "block"
+    codec: CacheCodec = CacheCodec()
 
     @property
     def caches_per_site(self) -> int:
-        """Cache tensors per site: keys and values (block) or the attention output (attention)."""
-        return 1 if self.prune == "attention" else 2
+        """Cache tensors per site: keys and values (block), each as ``codec`` stores it, or the attention
+        output (attention)."""
+        return 1 if self.prune == "attention" else 2 * self.codec.tensors_per_cache
 
     def recorded_bytes(self, example_inputs: Sequence[object], num_outputs: int) -> int:
         """Bytes a record step keeps beyond the model's ``num_outputs`` outputs (residual, final hidden
@@ -205,14 +208,18 @@ def _text_inputs(gm: fx.GraphModule, sites: Sequence[AttentionSite], user_inputs
 
 
 def build_variants(gm: fx.GraphModule, analysis: GraphAnalysis, example_inputs: Sequence[object],
-                   relevance_site: int | str = -1, partial: bool = True, prune: str = "block") -> Variants:
+                   relevance_site: int | str = -1, partial: bool = True, prune: str = "block",
+                   cache_dtype: torch.dtype | None = None) -> Variants:
     """Build the full, reuse, probe and (if the region allows it) partial graphs; ``gm`` is unchanged.
+
+    ``cache_dtype`` stores the partial steps' keys and values in that type (``CacheCodec``).
 
     A region that is not token-local keeps full and reuse steps and records why partial
     steps were refused in ``Variants.partial_refused``.
     """
     expected = [n.name for n in placeholders(gm.graph)]
     region = analysis.region
+    codec = CacheCodec(cache_dtype if prune == "block" else None)
     refused = analysis.partial_refused if partial else "disabled by the options"
     sites = tuple(s.node for s in analysis.self_sites) if refused is None else ()
     relevance = analysis.resolve_site(relevance_site) if refused is None else None
@@ -226,18 +233,18 @@ def build_variants(gm: fx.GraphModule, analysis: GraphAnalysis, example_inputs: 
     if refused is None:
         try:
             partial_gm = run_pass("partial", _build_checked_partial, gm, analysis, example_inputs, sites, prune,
-                                  verify=(gm, expected + cache_input_names(len(sites), prune)))
-            record = run_pass("record", build_full_variant, gm, region, sites, relevance.node, prune,
+                                  codec, verify=(gm, expected + cache_input_names(len(sites), prune, codec)))
+            record = run_pass("record", build_full_variant, gm, region, sites, relevance.node, prune, codec,
                               verify=(gm, expected))
         except RewriteRefused as error:
             refused = str(error)
             sites, relevance = (), None
     return Variants(full=full, record=record, reuse=reuse, probe=probe, partial=partial_gm, partial_refused=refused,
-                    cached_sites=sites, relevance_site=relevance, prune=prune)
+                    cached_sites=sites, relevance_site=relevance, prune=prune, codec=codec)
 
 
 def _build_checked_partial(gm: fx.GraphModule, analysis: GraphAnalysis, example_inputs: Sequence[object],
-                           sites: Sequence[str], prune: str) -> fx.GraphModule:
+                           sites: Sequence[str], prune: str, codec: CacheCodec) -> fx.GraphModule:
     """Build the partial variant and prove on fake tensors that it is token-local."""
     by_name = {n.name: n for n in gm.graph.nodes}
     tokens = analysis.region.num_tokens
@@ -249,14 +256,16 @@ def _build_checked_partial(gm: fx.GraphModule, analysis: GraphAnalysis, example_
     }
     for j, name in enumerate(sites):
         site = by_name[name]
-        extra[f"hetcache_k{j}"] = _empty_like_meta(attention_operand(site, 1, "key"), tokens - selected)
-        extra[f"hetcache_v{j}"] = _empty_like_meta(attention_operand(site, 2, "value"), tokens - selected)
+        for operand, (position, keyword) in (("k", (1, "key")), ("v", (2, "value"))):
+            value = attention_operand(site, position, keyword).meta["example_value"]
+            names = codec.names(f"hetcache_{operand}{j}")
+            extra.update(zip(names, codec.empty_like(value, tokens - selected)))
         extra[f"hetcache_a{j}"] = _empty_like_meta(site)
     if prune == "attention":
         partial = build_attention_partial_variant(gm, analysis.region, sites)
         propagate_fake_shapes(partial, placeholder_examples(partial, example_inputs, extra))
         return partial  # only attention queries shrink: nothing else can mix tokens
-    partial = build_partial_variant(gm, analysis.region, analysis.token_inputs, sites)
+    partial = build_partial_variant(gm, analysis.region, analysis.token_inputs, sites, codec)
     try:
         propagate_fake_shapes(partial, placeholder_examples(partial, example_inputs, extra))
     except Exception as error:  # noqa: BLE001 - a shape error here means a hard-coded token count
@@ -266,11 +275,10 @@ def _build_checked_partial(gm: fx.GraphModule, analysis: GraphAnalysis, example_
     return partial
 
 
-def _empty_like_meta(node: fx.Node, token_rows: int | None = None) -> torch.Tensor:
-    """An empty tensor like ``node``'s value; with ``token_rows``, that many rows on the token axis (dim -2)."""
+def _empty_like_meta(node: fx.Node) -> torch.Tensor:
+    """An empty tensor like ``node``'s value."""
     value = node.meta["example_value"]
-    shape = tuple(value.shape) if token_rows is None else (*value.shape[:-2], token_rows, value.shape[-1])
-    return torch.empty(shape, dtype=value.dtype, device=value.device)
+    return torch.empty(tuple(value.shape), dtype=value.dtype, device=value.device)
 
 
 def run_pass(name: str, fn: Callable, *args, verify: tuple[fx.GraphModule, list[str]] | None = None):

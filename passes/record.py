@@ -1,6 +1,6 @@
 """Build the *full* variant: the original graph plus everything the runtime must remember.
 
-Contract: ``build_full_variant(gm, region, sites=(), relevance_site=None, prune="block")``
+Contract: ``build_full_variant(gm, region, sites=(), relevance_site=None, prune="block", codec=CacheCodec())``
 returns a new GraphModule with the same placeholders as ``gm``. Its outputs are ``gm``'s
 outputs, then:
 
@@ -8,7 +8,8 @@ outputs, then:
   branch included, made to the token stream; reuse steps add it back);
 - the region exit (final hidden states of all tokens, the partial steps' scatter target);
 - per self-attention site in ``sites``: with ``prune="block"`` its keys and values
-  ``k0, v0, k1, v1, ...`` as the attention op reads them (after norm and RoPE); with
+  ``k0, v0, k1, v1, ...`` as the attention op reads them (after norm and RoPE), each in
+  ``codec``'s stored form (one tensor, or float8 data and its scale: ``cache_codec.py``); with
   ``prune="attention"`` its attention output ``a0, a1, ...``;
 - if ``relevance_site`` is given, the queries and keys of that site (for token selection).
 
@@ -22,28 +23,31 @@ from collections.abc import Sequence
 import torch.fx as fx
 
 from .attention import attention_operand
+from .cache_codec import CacheCodec
 from .graph_utils import copy_graph_module, finalize, insert_residual, output_node
 from .token_region import TokenRegion
 
 
 def build_full_variant(gm: fx.GraphModule, region: TokenRegion, sites: Sequence[str] = (),
-                       relevance_site: str | None = None, prune: str = "block") -> fx.GraphModule:
+                       relevance_site: str | None = None, prune: str = "block",
+                       codec: CacheCodec = CacheCodec()) -> fx.GraphModule:
     full = copy_graph_module(gm)
     by_name = {n.name: n for n in full.graph.nodes}
     exit_node, stream = by_name[region.exit], by_name[region.stream_input]
     residual = insert_residual(full.graph, exit_node, stream)
     residual.name = "hetcache_residual"
 
+    output = output_node(full.graph)
     extra = [residual, exit_node]
     for name in sites:
         site = by_name[name]
         if prune == "attention":
             extra.append(site)
         else:
-            extra += [attention_operand(site, 1, "key"), attention_operand(site, 2, "value")]
+            for operand in (attention_operand(site, 1, "key"), attention_operand(site, 2, "value")):
+                extra += codec.encode(full.graph, operand, before=output)
     if relevance_site is not None:
         site = by_name[relevance_site]
         extra += [attention_operand(site, 0, "query"), attention_operand(site, 1, "key")]
-    output = output_node(full.graph)
     output.args = (tuple(output.args[0]) + tuple(extra),)
     return finalize(full)

@@ -70,6 +70,36 @@ def test_a_new_run_starts_when_the_timestep_goes_up(transformer, inputs):
     assert branch.steps == {"full": 2, "partial": 0, "reuse": 3}
 
 
+def _denoise(compiled, inputs, steps: int) -> list[str]:
+    """One run of ``steps`` calls at falling timesteps; the kinds the cond branch ran."""
+    for t in torch.linspace(999, 100, steps):
+        run(compiled, inputs, timestep=t.reshape(1))
+    return hc.stats(compiled).branches["cond"].history
+
+
+def test_the_last_call_is_full_once_a_run_showed_how_long_runs_are(transformer, inputs):
+    compiled = compile_hetcache(transformer, preset="balanced")
+    first = list(_denoise(compiled, inputs, 5))
+    second = list(_denoise(compiled, inputs, 5))
+    assert first[-1] == "reuse" and second[-1] == "full"  # nobody said num_steps: learned from run 1
+    assert second[:-1] == first[:-1]
+
+
+def test_a_run_of_another_length_costs_at_most_one_full_step(transformer, inputs):
+    compiled = compile_hetcache(transformer, preset="balanced")
+    _denoise(compiled, inputs, 5)
+    shorter = list(_denoise(compiled, inputs, 3))  # expected 5: ends without its final full step
+    assert shorter == ["full", "reuse", "reuse"]
+    longer = list(_denoise(compiled, inputs, 5))  # expected 3: a full step where the last run ended
+    assert longer[2] == "full" and longer[-1] != "full"
+
+
+def test_num_steps_wins_over_the_learned_run_length(transformer, inputs):
+    compiled = compile_hetcache(transformer, preset="balanced", num_steps=4)
+    _denoise(compiled, inputs, 5)
+    assert _denoise(compiled, inputs, 5)[3] == "full"
+
+
 def test_a_new_run_starts_when_the_control_video_changes(transformer, inputs):
     compiled = compile_hetcache(transformer, schedule="FR")
     run(compiled, inputs)
