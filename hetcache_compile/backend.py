@@ -16,10 +16,12 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.fx as fx
 
+from .budget import choose_cache_plan, resolve_limit
 from .compiled import compile_graph, inner_compiler
-from .config import HetCacheConfig, HetCacheOptionsError
+from .config import CACHE_DTYPES, HetCacheConfig, HetCacheOptionsError
 from .instances import CompiledFrom, InstanceTable, instance_position
-from .passes import RewriteRefused, analyze, build_variants, is_symbolic
+from .passes import RewriteRefused, Variants, analyze, build_variants, is_symbolic
+from .passes.graph_utils import output_node
 from .runtime import LIVE_RUNTIMES, HetCacheRuntime
 from .shapes import ShapeSpecializingRuntime
 
@@ -92,13 +94,20 @@ class HetCacheBackend:
             analysis = analyze(gm, example_inputs)
             _check_schedule(config, analysis)
             _check_cache_dtype(config, example_inputs)
-            variants = build_variants(gm, analysis, example_inputs, relevance_site=config.relevance_site,
+            limit = resolve_limit(config.max_cache_bytes, example_inputs)
+
+            def build(cache_dtype: str | None) -> Variants:
+                return build_variants(gm, analysis, example_inputs, relevance_site=config.relevance_site,
                                       partial=config.partial, prune=config.prune,
-                                      cache_dtype=config.cache_torch_dtype)
+                                      cache_dtype=CACHE_DTYPES.get(cache_dtype))
+
+            num_outputs = len(output_node(gm.graph).args[0])
+            variants, plan = choose_cache_plan(build, example_inputs, num_outputs, config, limit)
         except RewriteRefused as refused:
             return self._fallback(gm, example_inputs, str(refused), config, frame_id, in_dynamo)
-        logger.info("hetcache rewrote a graph of %d nodes:\n%s", len(gm.graph.nodes), analysis.report())
-        return HetCacheRuntime(gm, example_inputs, analysis, variants, config, frame_id=frame_id)
+        logger.info("hetcache rewrote a graph of %d nodes:\n%s%s", len(gm.graph.nodes), analysis.report(),
+                    f"\n{plan.describe()}" if plan is not None else "")
+        return HetCacheRuntime(gm, example_inputs, analysis, variants, config, frame_id=frame_id, plan=plan)
 
     def _fallback(self, gm: fx.GraphModule, example_inputs: Sequence[object], reason: str,
                   config: HetCacheConfig, frame_id: int, in_dynamo: bool) -> FallbackRuntime:

@@ -49,14 +49,17 @@ class BranchState:
         self.stats.history = []
         self.stats.cache_bytes = 0
 
-    def store(self, residual: torch.Tensor, exit: torch.Tensor | None, site_caches: Sequence[torch.Tensor]) -> None:
-        """Keep what a computed (full or partial) step of the current call produced."""
+    def store(self, residual: torch.Tensor, exit: torch.Tensor | None, site_caches: Sequence[torch.Tensor],
+              pending_selection: tuple | None = None) -> None:
+        """Keep what a computed (full or partial) step of the current call produced; ``stats.cache_bytes``
+        counts all of it (the relevance query and key until S is chosen, the residual slope too)."""
+        self.pending_selection = pending_selection
         # Compiled variants are specialised to their inputs' strides: keep every cache contiguous.
         residual, exit = _contiguous(residual), _contiguous(exit)
         self._update_slope(residual)
         self.residual, self.exit, self.site_caches = residual, exit, [_contiguous(t) for t in site_caches]
         self.residual_timestep = self.last_timestep
-        tensors = [residual, *([exit] if exit is not None else []), *self.site_caches,
+        tensors = [residual, *([exit] if exit is not None else []), *self.site_caches, *(pending_selection or ()),
                    *([self.residual_slope] if self.residual_slope is not None else [])]
         self.stats.cache_bytes = sum(t.numel() * t.element_size() for t in tensors)
 

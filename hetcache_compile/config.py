@@ -99,10 +99,15 @@ class HetCacheConfig:
             variants and caches are dropped beyond it.
         max_branches: CFG branches (distinct text conditionings) kept at once; the least
             recently used is dropped beyond it, which bounds cache memory.
-        max_cache_bytes: bound on the bytes of all branches' caches. A full step records the
-            partial steps' caches (their size is known from the graph before the first call) only
-            if they fit beside the other branches'; a branch that cannot record takes full and
-            reuse steps only (logged once). ``None``: no bound.
+        max_cache_bytes: bound on the bytes of all branches' caches, or ``"auto"``: half the
+            device memory free when the graph is compiled (CUDA; no bound on the CPU). With
+            ``cache_dtype=None`` it picks the cache plan, the most accurate whose caches for
+            ``budget_branches`` branches fit: as computed, then bfloat16, then float8 (those
+            narrower than the model's type). At every call, a full step records the partial
+            steps' caches only if they fit beside the other branches'; a branch that cannot
+            record takes full and reuse steps only (logged once). ``None``: no bound.
+        budget_branches: CFG branches the cache plan must fit ``max_cache_bytes`` for: 2 for
+            sequential CFG (diffusers' default), 1 for batched CFG or none.
         context_ratio: share of context tokens a partial step recomputes (0..1).
         margin_ratio: share of margin tokens a partial step recomputes, spatially uniform per
             frame (0..1). ``context_ratio = margin_ratio = 1`` puts every token in S.
@@ -140,7 +145,8 @@ class HetCacheConfig:
     inductor_options: Mapping[str, object] | None = None
     max_shapes: int = 8
     max_branches: int = 4
-    max_cache_bytes: int | None = None
+    max_cache_bytes: int | str | None = None
+    budget_branches: int = 2
     context_ratio: float = field(default=PRESETS["balanced"]["context_ratio"])
     margin_ratio: float = field(default=PRESETS["balanced"]["margin_ratio"])
     margin_radius: float = 5.0
@@ -158,7 +164,7 @@ class HetCacheConfig:
                  "'adaptive', 'full' or a string of F/P/R letters starting with F, e.g. 'FFRPRF'")
         _require(_is_number(self.threshold) and self.threshold > 0, "threshold", self.threshold, "a number > 0")
         for name, minimum in (("warmup_steps", 1), ("refresh_interval", 1), ("max_consecutive_reuse", 0),
-                              ("max_branches", 1), ("num_clusters", 1), ("size_buckets", 0), ("max_shapes", 1)):
+                              ("max_branches", 1), ("budget_branches", 1), ("num_clusters", 1), ("size_buckets", 0), ("max_shapes", 1)):
             value = getattr(self, name)
             _require(isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
                      name, value, f"an integer >= {minimum}")
@@ -166,10 +172,10 @@ class HetCacheConfig:
                  self.reuse_order, "0 or 1")
         _require(self.num_steps is None or (isinstance(self.num_steps, int) and self.num_steps >= 1),
                  "num_steps", self.num_steps, "None or an integer >= 1")
-        _require(self.max_cache_bytes is None or (isinstance(self.max_cache_bytes, int)
-                                                   and not isinstance(self.max_cache_bytes, bool)
-                                                   and self.max_cache_bytes >= 0),
-                 "max_cache_bytes", self.max_cache_bytes, "None or an integer >= 0 (bytes)")
+        _require(self.max_cache_bytes is None or self.max_cache_bytes == "auto"
+                 or (isinstance(self.max_cache_bytes, int) and not isinstance(self.max_cache_bytes, bool)
+                     and self.max_cache_bytes >= 0),
+                 "max_cache_bytes", self.max_cache_bytes, "None, 'auto' or an integer >= 0 (bytes)")
         for name in ("context_ratio", "margin_ratio"):
             value = getattr(self, name)
             _require(_is_number(value) and 0.0 <= value <= 1.0, name, value, "a number in [0, 1]")

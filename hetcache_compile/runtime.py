@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 
 from .branches import BranchState, BranchTable
-from .budget import CacheBudget
+from .budget import CacheBudget, CachePlan
 from .compiled import CompiledVariant
 from .config import HetCacheConfig
 from .fingerprint import FingerprintCache
@@ -64,7 +64,7 @@ class HetCacheRuntime:
     fallback_reason: str | None = None
 
     def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[object], analysis: GraphAnalysis,
-                 variants: Variants, config: HetCacheConfig, frame_id: int = 0):
+                 variants: Variants, config: HetCacheConfig, frame_id: int = 0, plan: CachePlan | None = None):
         self.config = config
         self.analysis = analysis
         self.frame_id = frame_id  # Dynamo's frame: the lowest among a model's graphs counts model calls
@@ -77,9 +77,9 @@ class HetCacheRuntime:
                         if variants.partial is not None else None)
         self.partial_note = variants.partial_refused
         self.num_caches = len(variants.cached_sites) * variants.caches_per_site
-        recorded = (variants.recorded_bytes(example_inputs, self.layout.num_outputs)
-                    if config.max_cache_bytes is not None else 0)
-        self.budget = CacheBudget(config.max_cache_bytes, recorded)
+        self.plan = plan
+        limit = plan.limit if plan is not None else None
+        self.budget = CacheBudget(limit, plan.bytes_per_branch if limit is not None else 0)
         self.masks = MaskSource(self.layout, analysis.token_grid, config.margin_radius) if self.partial else None
         self.relevance_site = variants.relevance_site
         self.grid = analysis.token_grid
@@ -93,6 +93,8 @@ class HetCacheRuntime:
         if self.partial is not None:
             lines.append(f"  partial: {self.num_caches} per-site caches, relevance at "
                          f"{self.relevance_site.module}, prune={self.config.prune}")
+            if self.plan is not None:
+                lines.append(f"  {self.plan.describe()}")
         else:
             lines.append(f"  no partial variant: {self.partial_note}")
         return "\n".join(lines)
@@ -168,13 +170,13 @@ class HetCacheRuntime:
         if not self._records(instance, state):
             outputs = self.full(*args)
             state.store(outputs[n], None, [])
-            state.selection = state.pending_selection = None
+            state.selection = None
             return outputs[:n]
         state.site_caches = []  # free the last caches before the new ones are allocated: one set at a time
         outputs = self.record(*args)
         residual, exit, *caches, query, key = outputs[n:]
-        state.store(residual, exit, caches)
-        state.selection, state.pending_selection = None, (query, key)
+        state.store(residual, exit, caches, pending_selection=(query, key))
+        state.selection = None
         return outputs[:n]
 
     def _partial_step(self, state: BranchState, args: Sequence[object]) -> list:

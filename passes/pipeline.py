@@ -128,16 +128,24 @@ class Variants:
         output (attention)."""
         return 1 if self.prune == "attention" else 2 * self.codec.tensors_per_cache
 
-    def recorded_bytes(self, example_inputs: Sequence[object], num_outputs: int) -> int:
-        """Bytes a record step keeps beyond the model's ``num_outputs`` outputs (residual, final hidden
-        states, per-site caches, relevance query/key) for inputs shaped like ``example_inputs``; 0 without
-        a record variant. Runs the record graph on fake tensors (no memory, no compute)."""
+    def recorded_values(self, example_inputs: Sequence[object], num_outputs: int) -> list[torch.Tensor]:
+        """Fake values of what a record step keeps beyond the model's ``num_outputs`` outputs, for inputs
+        shaped like ``example_inputs``: residual, final hidden states, the per-site caches (as stored),
+        relevance query and key. Empty without a record variant. No memory, no compute."""
         if self.record is None:
-            return 0
+            return []
         propagate_fake_shapes(self.record, example_inputs)
         outputs = output_node(self.record.graph).args[0]
-        values = [node.meta["val"] for node in outputs[num_outputs:]]
-        return sum(v.numel() * v.element_size() for v in values if isinstance(v, torch.Tensor))
+        return [node.meta["val"] for node in outputs[num_outputs:] if isinstance(node.meta["val"], torch.Tensor)]
+
+    def recorded_bytes(self, example_inputs: Sequence[object], num_outputs: int) -> int:
+        """Bytes of ``recorded_values``: what one branch holds right after a full step records."""
+        return sum(v.numel() * v.element_size() for v in self.recorded_values(example_inputs, num_outputs))
+
+    def cache_values(self, example_inputs: Sequence[object], num_outputs: int) -> list[torch.Tensor]:
+        """The per-site caches among ``recorded_values`` (keys and values, scales included)."""
+        count = len(self.cached_sites) * self.caches_per_site
+        return self.recorded_values(example_inputs, num_outputs)[2:2 + count]
 
 
 def _check_no_symbolic_inputs(example_inputs: Sequence[object]) -> None:

@@ -1,5 +1,7 @@
 """Cache plans: how the partial steps' keys and values are stored (``cache_dtype``) (aot_eager)."""
 
+import logging
+
 import pytest
 import torch
 from conftest import compile_hetcache, run
@@ -70,3 +72,55 @@ def test_cache_dtype_is_refused_with_attention_pruning_and_unknown_types():
     with pytest.raises(hc.HetCacheOptionsError, match="cache_dtype"):
         hc.HetCacheConfig.from_options({"cache_dtype": "int8"})
     assert hc.HetCacheConfig.from_options({"cache_dtype": torch.bfloat16}).cache_dtype == "bfloat16"
+
+
+STEPS = ({}, {"timestep": torch.tensor([400.0])}, {"timestep": torch.tensor([300.0])})
+FULL_PARTIAL_FULL = dict(PARTIAL, schedule="FPF")  # the second full step holds the most (slope, query, key)
+
+
+_PEAKS: dict = {}  # the tiny model's peaks depend on its shapes only: measured once per session
+
+
+def _peak_bytes_by_plan(transformer, inputs) -> dict:
+    """The most one branch holds over a full, partial, full run, per cache plan (measured)."""
+    if _PEAKS:
+        return _PEAKS
+    found = _PEAKS
+    for cache_dtype in (None, "bfloat16", "float8_e4m3fn"):
+        torch._dynamo.reset()
+        compiled = compile_hetcache(transformer, **FULL_PARTIAL_FULL, cache_dtype=cache_dtype)
+        found[cache_dtype] = 0
+        for step in STEPS:
+            run(compiled, inputs, **step)
+            found[cache_dtype] = max(found[cache_dtype], hc.stats(transformer).cache_bytes)
+    torch._dynamo.reset()
+    return found
+
+
+@pytest.mark.parametrize("fits", [None, "bfloat16", "float8_e4m3fn"])
+def test_the_budget_picks_the_most_accurate_plan_that_fits_and_holds_at_every_call(transformer, inputs, fits):
+    plan_bytes = _peak_bytes_by_plan(transformer, inputs)
+    limit = 2 * plan_bytes[fits] + 16  # two CFG branches of the plan that should be chosen, not of a wider one
+    uncond = {"encoder_hidden_states": torch.randn_like(inputs["encoder_hidden_states"])}
+    compiled = compile_hetcache(transformer, **FULL_PARTIAL_FULL, max_cache_bytes=limit)
+    for step in STEPS:
+        for branch in ({}, uncond):
+            run(compiled, inputs, **step, **branch)
+            assert hc.stats(transformer).cache_bytes <= limit
+    [runtime] = hc.runtimes(transformer)
+    assert runtime.plan.cache_dtype == fits and runtime.plan.fits
+    assert f"cache plan: {fits or 'as computed'}" in hc.explain(compiled)
+    for branch in hc.stats(transformer).branches.values():
+        assert branch.history == ["full", "partial", "full"]
+
+
+def test_a_budget_below_every_plan_keeps_full_and_reuse_steps_and_says_so_once(transformer, inputs, caplog):
+    plan_bytes = _peak_bytes_by_plan(transformer, inputs)
+    compiled = compile_hetcache(transformer, schedule="FPR", max_cache_bytes=plan_bytes["float8_e4m3fn"] - 1)
+    later = {"timestep": torch.tensor([400.0])}
+    with caplog.at_level(logging.WARNING, logger="hetcache_compile"):
+        outputs = [run(compiled, inputs), run(compiled, inputs, **later), run(compiled, inputs, **later)]
+    assert hc.stats(transformer).branches["cond"].history == ["full", "full", "reuse"]
+    assert caplog.text.count("do not fit") == 1
+    assert hc.stats(transformer).cache_bytes < plan_bytes["float8_e4m3fn"]
+    torch.testing.assert_close(outputs[1], run(transformer, inputs, **later), rtol=1e-4, atol=1e-4)

@@ -82,7 +82,8 @@ def test_the_last_call_is_full_once_a_run_showed_how_long_runs_are(transformer, 
     first = list(_denoise(compiled, inputs, 5))
     second = list(_denoise(compiled, inputs, 5))
     assert first[-1] == "reuse" and second[-1] == "full"  # nobody said num_steps: learned from run 1
-    assert second[:-1] == first[:-1]
+    computed = [sum(kind != "reuse" for kind in run) for run in (first, second)]
+    assert computed[0] == computed[1]  # the cadence moved its computed steps to end on one, at the same cost
 
 
 def test_a_run_of_another_length_costs_at_most_one_full_step(transformer, inputs):
@@ -194,7 +195,7 @@ def test_max_cache_bytes_lets_only_the_branches_that_fit_record(transformer, inp
     run(unbounded, inputs)
     one_branch = hc.stats(transformer).cache_bytes  # residual, final hidden states, keys and values
     torch._dynamo.reset()
-    bounded = compile_hetcache(transformer, schedule="FP", max_cache_bytes=int(1.5 * one_branch))
+    bounded = compile_hetcache(transformer, schedule="FP", max_cache_bytes=int(1.5 * one_branch), budget_branches=1)
     with caplog.at_level(logging.WARNING, logger="hetcache_compile"):
         outputs = [run(bounded, inputs), run(bounded, inputs, **uncond),
                    run(bounded, inputs), run(bounded, inputs, **uncond)]

@@ -71,7 +71,13 @@ def test_presets_are_a_cadence_of_full_and_partial_steps_with_reuse_between(pres
     assert "".join(scheduler.next_kind(modulation).value[0].upper() for _ in range(10)) == pattern
 
 
-def test_presets_end_on_a_full_step_when_the_step_count_is_known():
-    scheduler = make_scheduler(HetCacheConfig.from_options({"preset": "fast", "num_steps": 7}))
-    kinds = "".join(scheduler.next_kind(torch.zeros(4)).value[0].upper() for _ in range(7))
-    assert kinds == "FRRRPRF"
+@pytest.mark.parametrize(("preset", "steps", "pattern"), [
+    ("fast", 7, "FRRPRRF"),
+    ("balanced", 20, "FRRPRRFRRRPRRFRRPRRF"),  # 7 computed steps, as the open-ended cadence's 20 calls have
+    ("fast", 20, "FRRRPRRRFRRPRRRFRRRF"),
+])
+def test_presets_spread_their_computed_steps_to_end_on_a_full_one_when_the_step_count_is_known(preset, steps,
+                                                                                               pattern):
+    scheduler = make_scheduler(HetCacheConfig.from_options({"preset": preset, "num_steps": steps}))
+    kinds = "".join(scheduler.next_kind(torch.zeros(4)).value[0].upper() for _ in range(steps))
+    assert kinds == pattern
