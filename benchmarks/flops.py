@@ -94,11 +94,12 @@ def trace_meta_model(config: dict, frames: int, height: int, width: int, text_le
 
 
 def variant_flops(config: dict, frames: int, height: int, width: int, selected: list[int],
-                  text_len: int = TEXT_LEN) -> VariantFlops:
-    """FLOPs of one call of each variant for ``config`` at a pixel size (partial: per |S| in ``selected``)."""
+                  text_len: int = TEXT_LEN, recompute: bool = False) -> VariantFlops:
+    """FLOPs of one call of each variant for ``config`` at a pixel size (partial: per |S| in ``selected``;
+    ``recompute``: with the context's keys and values recomputed, ``recompute_kv=True``)."""
     gm, example_inputs = trace_meta_model(config, frames, height, width, text_len)
     analysis = passes.analyze(gm, example_inputs)
-    variants = passes.build_variants(gm, analysis, example_inputs)
+    variants = passes.build_variants(gm, analysis, example_inputs, recompute=recompute)
     if variants.partial is None:
         raise RuntimeError(f"no partial variant: {variants.partial_refused}")
     full = count(lambda: variants.full(*example_inputs))
@@ -110,7 +111,8 @@ def variant_flops(config: dict, frames: int, height: int, width: int, selected: 
     for size in sorted(set(selected)):
         index = torch.arange(size, device="meta")
         context = [c.narrow(-2, size, c.shape[-2] - size) for c in caches]  # any N - |S| rows
-        partial[size] = count(lambda: variants.partial(*example_inputs, index, exit_cache, *context))
+        rows = [torch.arange(size, exit_cache.shape[1], device="meta")] if recompute else []
+        partial[size] = count(lambda: variants.partial(*example_inputs, index, exit_cache, *rows, *context))
     return VariantFlops(full=full, reuse=reuse, probe=probe, partial=partial, num_tokens=analysis.region.num_tokens,
                         grid=analysis.token_grid.grid)
 

@@ -97,8 +97,11 @@ def main() -> None:
                "of every self-attention site right after a full step, the relevance query and key, the residual "
                "and its slope). 'fits': GPU sizes (GB) where bfloat16 weights plus these caches fit; the "
                "activations of the step being computed come on top (plain torch.compile's own peak).",
-               "Plans: `cache_dtype=None` (as computed), `'bfloat16'` (the same here: the model computes in "
-               "bfloat16), `'float8_e4m3fn'` (one byte a value and a float32 scale per token and head)."],
+               "Plans (what `max_cache_bytes` chooses among, most accurate first): as computed (bfloat16 keys "
+               "and values); `recompute_kv=True` (the keys' and values' projection input, one tensor for two: "
+               "exact, costs two projections of the context rows a site); `cache_dtype='float8_e4m3fn'` (one "
+               "byte a value and a float32 scale per token and head); both. `'bfloat16'` is no plan here: the "
+               "model computes in bfloat16."],
     )
 
 

@@ -258,6 +258,8 @@ HETCACHE_SETTINGS = [
     # cache plans (issue 14): the proxy computes in float32, so bfloat16 halves the key/value bytes
     {"preset": "balanced", "cache_dtype": "bfloat16"},
     {"preset": "balanced", "cache_dtype": "float8_e4m3fn"},
+    {"preset": "balanced", "recompute_kv": True},
+    {"preset": "balanced", "cache_dtype": "float8_e4m3fn", "recompute_kv": True},
     {"preset": "balanced", "partial": False},
     {"preset": "fast", "partial": False},
     # zeroth-order reuse (the cached residual as is, the paper's reuse)

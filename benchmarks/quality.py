@@ -113,12 +113,17 @@ def price_hetcache(results: list[Result], proxy: ProxySpec):
     num_tokens = proxy.num_tokens
     _, frames, height, width = proxy.latent_shape
     sizes = sorted({round(f * num_tokens) for r in results for f in r.fractions} | {num_tokens})
-    counted = variant_flops(dict(PROXY_CONFIG), 4 * (frames - 1) + 1, height * 8, width * 8, sizes, text_len=4)
     heads, head_dim = PROXY_CONFIG["num_attention_heads"], PROXY_CONFIG["attention_head_dim"]
+    counts = {}
     for r in results:
         if r.method.hetcache and not r.error:
-            r.flops = hetcache_flops(r.steps, r.fractions, counted, num_tokens, heads, head_dim)
-    return counted
+            recompute = bool(r.method.options_dict.get("recompute_kv"))  # recomputing keys costs FLOPs
+            if recompute not in counts:
+                counts[recompute] = variant_flops(dict(PROXY_CONFIG), 4 * (frames - 1) + 1, height * 8, width * 8,
+                                                  sizes, text_len=4, recompute=recompute)
+            r.flops = hetcache_flops(r.steps, r.fractions, counts[recompute], num_tokens, heads, head_dim)
+    return counts.get(False) or variant_flops(dict(PROXY_CONFIG), 4 * (frames - 1) + 1, height * 8, width * 8,
+                                              sizes, text_len=4)
 
 
 def inductor_latency(settings: list[dict], clip: tuple, shift: float, repeats: int) -> list[list[str]]:

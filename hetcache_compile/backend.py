@@ -96,10 +96,10 @@ class HetCacheBackend:
             _check_cache_dtype(config, example_inputs)
             limit = resolve_limit(config.max_cache_bytes, example_inputs)
 
-            def build(cache_dtype: str | None) -> Variants:
+            def build(cache_dtype: str | None, recompute: bool) -> Variants:
                 return build_variants(gm, analysis, example_inputs, relevance_site=config.relevance_site,
                                       partial=config.partial, prune=config.prune,
-                                      cache_dtype=CACHE_DTYPES.get(cache_dtype))
+                                      cache_dtype=CACHE_DTYPES.get(cache_dtype), recompute=recompute)
 
             num_outputs = len(output_node(gm.graph).args[0])
             variants, plan = choose_cache_plan(build, example_inputs, num_outputs, config, limit)

@@ -32,6 +32,7 @@ class BranchState:
     # k0, v0, k1, v1, ... (all tokens after a full step, the rows outside S once S is chosen) or a0, a1, ...
     site_caches: list[torch.Tensor] = field(default_factory=list)
     selection: torch.Tensor | None = None  # S, chosen after the last full step
+    context: torch.Tensor | None = None  # the token rows the context caches hold, in order (prune="block")
     pending_selection: tuple | None = None  # (query, key) of the last full step, until S is chosen
     classes: TokenClasses | None = None
     last_timestep: float | None = None
@@ -42,7 +43,7 @@ class BranchState:
 
     def reset(self) -> None:
         self.scheduler.reset()
-        self.residual = self.exit = self.selection = self.classes = self.pending_selection = None
+        self.residual = self.exit = self.selection = self.classes = self.pending_selection = self.context = None
         self.residual_timestep = self.residual_slope = None
         self.site_caches = []
         self.last_timestep = None

@@ -23,7 +23,10 @@ from .passes import Variants
 logger = logging.getLogger("hetcache_compile")
 
 AUTO_SHARE = 0.5  # max_cache_bytes="auto": this share of the device memory free at compile time
-PLAN_ORDER = (None, "bfloat16", "float8_e4m3fn")  # most accurate first; float16 only when asked
+# (cache_dtype, recompute_kv), most accurate first: recomputing is exact but costs FLOPs, a narrower
+# type costs accuracy; float16 only when asked (its range is not the model's)
+PLAN_ORDER = ((None, False), (None, True), ("bfloat16", False), ("bfloat16", True),
+              ("float8_e4m3fn", False), ("float8_e4m3fn", True))
 
 
 def resolve_limit(option: int | str | None, example_inputs: Sequence[object]) -> int | None:
@@ -43,13 +46,18 @@ class CachePlan:
     """The chosen storage of the caches and what it costs a branch."""
 
     cache_dtype: str | None  # None: as the model computes them
+    recompute: bool  # the caches hold the projection input; keys and values are recomputed
     bytes_per_branch: int | None  # None: not priced (no limit)
     limit: int | None
     branches: int
     fits: bool
 
+    @property
+    def name(self) -> str:
+        return (self.cache_dtype or "as computed") + (", keys/values recomputed" if self.recompute else "")
+
     def describe(self) -> str:
-        text = f"cache plan: {self.cache_dtype or 'as computed'}"
+        text = f"cache plan: {self.name}"
         if self.bytes_per_branch is not None:
             text += f", {self.bytes_per_branch / 2**20:.1f} MiB a branch"
         if self.limit is not None:
@@ -58,34 +66,42 @@ class CachePlan:
         return text
 
 
-def choose_cache_plan(build: Callable[[str | None], Variants], example_inputs: Sequence[object], num_outputs: int,
-                      config: HetCacheConfig, limit: int | None) -> tuple[Variants, CachePlan | None]:
-    """Build the variants under the most accurate plan that fits ``limit`` (``build(cache_dtype)``).
+def choose_cache_plan(build: Callable[[str | None, bool], Variants], example_inputs: Sequence[object],
+                      num_outputs: int, config: HetCacheConfig, limit: int | None) -> tuple[Variants, CachePlan | None]:
+    """Build the variants under the most accurate plan that fits ``limit`` (``build(cache_dtype, recompute)``).
 
-    An explicit ``config.cache_dtype``, or no limit, is taken as is. When no plan fits, the narrowest
-    is kept and the runtime's ``CacheBudget`` decides per branch. Returns ``(variants, plan)``; the plan
-    is None when the variants have no partial steps (nothing to cache).
+    Explicit ``cache_dtype`` / ``recompute_kv`` options, or no limit, are taken as they are. When no
+    plan fits, the smallest is kept and the runtime's ``CacheBudget`` decides per branch. A plan the
+    model cannot have (keys that are not a short projection) is skipped. Returns ``(variants, plan)``;
+    the plan is None when the variants have no partial steps (nothing to cache).
     """
-    fixed = config.cache_dtype is not None or limit is None
-    candidates = [config.cache_dtype] if fixed else list(PLAN_ORDER)
-    computed_size = None
-    for position, cache_dtype in enumerate(candidates):
-        if cache_dtype is not None and computed_size is not None and CACHE_DTYPES[cache_dtype].itemsize >= computed_size:
-            continue  # no narrower than the model's own type
-        variants = build(cache_dtype)
+    fixed = config.cache_dtype is not None or config.recompute_kv or limit is None
+    candidates = [(config.cache_dtype, config.recompute_kv)] if fixed else list(PLAN_ORDER)
+    computed_size, last = None, None
+    for cache_dtype, recompute in candidates:
+        if _not_narrower(cache_dtype, computed_size):
+            continue
+        variants = build(cache_dtype, recompute)
         if variants.partial is None:
+            if recompute and not fixed:
+                continue
             return variants, None
+        per_branch = None if limit is None else branch_peak_bytes(variants, example_inputs, num_outputs,
+                                                                  config.reuse_order)
         if fixed:  # priced only when there is a limit to hold it to (fake propagation costs seconds)
-            per_branch = None if limit is None else branch_peak_bytes(variants, example_inputs, num_outputs,
-                                                                      config.reuse_order)
-            fits = limit is None or per_branch <= limit
-            return variants, CachePlan(cache_dtype, per_branch, limit, config.budget_branches, fits)
-        per_branch = branch_peak_bytes(variants, example_inputs, num_outputs, config.reuse_order)
+            return variants, CachePlan(cache_dtype, recompute, per_branch, limit, config.budget_branches,
+                                       limit is None or config.budget_branches * per_branch <= limit)
         computed_size = computed_size or variants.cache_values(example_inputs, num_outputs)[0].element_size()
-        fits = config.budget_branches * per_branch <= limit
-        if fits or position == len(candidates) - 1:
-            return variants, CachePlan(cache_dtype, per_branch, limit, config.budget_branches, fits)
-    raise AssertionError("unreachable: the last candidate always returns")
+        last = (variants, CachePlan(cache_dtype, recompute, per_branch, limit, config.budget_branches,
+                                    config.budget_branches * per_branch <= limit))
+        if last[1].fits:
+            return last
+    return last
+
+
+def _not_narrower(cache_dtype: str | None, computed_size: int | None) -> bool:
+    """Whether storing as ``cache_dtype`` saves nothing over the model's own type (``computed_size`` bytes)."""
+    return cache_dtype is not None and computed_size is not None and CACHE_DTYPES[cache_dtype].itemsize >= computed_size
 
 
 def branch_peak_bytes(variants: Variants, example_inputs: Sequence[object], num_outputs: int,

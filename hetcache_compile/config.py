@@ -102,8 +102,9 @@ class HetCacheConfig:
         max_cache_bytes: bound on the bytes of all branches' caches, or ``"auto"``: half the
             device memory free when the graph is compiled (CUDA; no bound on the CPU). With
             ``cache_dtype=None`` it picks the cache plan, the most accurate whose caches for
-            ``budget_branches`` branches fit: as computed, then bfloat16, then float8 (those
-            narrower than the model's type). At every call, a full step records the partial
+            ``budget_branches`` branches fit, in this order: as computed; recomputed keys and
+            values; bfloat16 (if narrower than the model's type), then with recompute; float8, then
+            with recompute. At every call, a full step records the partial
             steps' caches only if they fit beside the other branches'; a branch that cannot
             record takes full and reuse steps only (logged once). ``None``: no bound.
         budget_branches: CFG branches the cache plan must fit ``max_cache_bytes`` for: 2 for
@@ -125,6 +126,10 @@ class HetCacheConfig:
             float32 scale per token and head; about half the bytes of bfloat16; on CUDA it needs
             compute capability 8.9 or newer). Decoded inside the partial graph. ``prune="block"``
             only.
+        recompute_kv: cache, per self-attention site, the tensor its keys and values are projected
+            from (one ``[B, N, dim]`` tensor instead of two), and recompute the context's keys and
+            values in the partial graph: half the bytes, exact, for about 2 x (N - |S|) x dim^2
+            multiply-adds a site more. ``prune="block"`` only.
         size_buckets: |S| is rounded up to a multiple of ``ceil(N / size_buckets)`` by computing
             extra context tokens (the most relevant ones left), so videos with different masks
             share compiled partial variants: at most ``size_buckets`` of them per resolution.
@@ -155,6 +160,7 @@ class HetCacheConfig:
     prune: str = "block"
     partial: bool = True
     cache_dtype: str | None = None
+    recompute_kv: bool = False
     size_buckets: int = 32
 
     def __post_init__(self) -> None:
@@ -164,7 +170,8 @@ class HetCacheConfig:
                  "'adaptive', 'full' or a string of F/P/R letters starting with F, e.g. 'FFRPRF'")
         _require(_is_number(self.threshold) and self.threshold > 0, "threshold", self.threshold, "a number > 0")
         for name, minimum in (("warmup_steps", 1), ("refresh_interval", 1), ("max_consecutive_reuse", 0),
-                              ("max_branches", 1), ("budget_branches", 1), ("num_clusters", 1), ("size_buckets", 0), ("max_shapes", 1)):
+                              ("max_branches", 1), ("budget_branches", 1), ("num_clusters", 1), ("size_buckets", 0),
+                              ("max_shapes", 1)):
             value = getattr(self, name)
             _require(isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
                      name, value, f"an integer >= {minimum}")
@@ -190,6 +197,9 @@ class HetCacheConfig:
                  f"None or one of {list(CACHE_DTYPES)}")
         _require(self.cache_dtype is None or self.prune == "block", "cache_dtype", self.cache_dtype,
                  "None with prune='attention' (its caches are rewritten every partial step)")
+        _require(isinstance(self.recompute_kv, bool), "recompute_kv", self.recompute_kv, "True or False")
+        _require(not self.recompute_kv or self.prune == "block", "recompute_kv", self.recompute_kv,
+                 "False with prune='attention' (it caches attention outputs, not keys and values)")
         _require(self.inner_backend in INNER_BACKENDS, "inner_backend", self.inner_backend,
                  f"one of {list(INNER_BACKENDS)}")
         if self.mode in CUDAGRAPH_MODES:

@@ -22,12 +22,13 @@ diffusers default), 1 with batched CFG or none.
 ...         encoder_hidden_states=torch.randn(1, 5, 16), control_hidden_states=torch.randn(1, 12, 3, 8, 8),
 ...         return_dict=False)
 >>> plans = cache_memory(model, inputs)
->>> [p.plan for p in plans]
-['as computed (float32)', 'bfloat16', 'float8_e4m3fn']
+>>> [p.plan for p in plans]  # doctest: +NORMALIZE_WHITESPACE
+['as computed (float32)', 'as computed (float32), recomputed', 'bfloat16', 'bfloat16, recomputed',
+ 'float8_e4m3fn', 'float8_e4m3fn, recomputed']
 >>> plans[0].key_value_bytes == 3 * 2 * 48 * 24 * 4  # 3 self-attention sites x (K, V) x 48 tokens x 24 x 4 bytes
 True
->>> [round(p.key_value_bytes / plans[0].key_value_bytes, 3) for p in plans]  # float8: 1 byte + a scale per 12
-[1.0, 0.5, 0.333]
+>>> [round(p.key_value_bytes / plans[0].key_value_bytes, 3) for p in plans]  # float8: + a float32 scale a row
+[1.0, 0.5, 0.5, 0.25, 0.333, 0.146]
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from .budget import branch_peak_bytes
+from .budget import PLAN_ORDER, branch_peak_bytes
 from .config import CACHE_DTYPES, HetCacheConfig
 from .passes import RewriteRefused, analyze, build_variants
 from .passes.graph_utils import output_node
@@ -52,8 +53,9 @@ class CachePlanBytes:
 
     plan: str
     cache_dtype: str | None  # the ``cache_dtype`` option that selects this plan
+    recompute_kv: bool  # and its ``recompute_kv`` option
     bytes_per_branch: int  # the peak of one branch (``budget.branch_peak_bytes``)
-    key_value_bytes: int  # of which the per-site keys and values (and their scales)
+    key_value_bytes: int  # of which the per-site caches (keys and values, or their input; scales included)
     num_tokens: int
     cached_sites: int
 
@@ -62,11 +64,11 @@ class CachePlanBytes:
 
 
 def cache_memory(model: torch.nn.Module, inputs: Mapping[str, object], options: Mapping[str, object] | None = None,
-                 plans: Sequence[str | None] | None = None) -> list[CachePlanBytes]:
-    """Price hetcache's caches for ``model(**inputs)`` under each plan: as computed, then each of
-    ``plans`` (``cache_dtype`` values; default: bfloat16 and float8 where narrower than the computed
-    type). ``options`` are the backend's (``prune``, ``relevance_site``...). Raises ``RewriteRefused``
-    if the model has no partial steps to cache for."""
+                 plans: Sequence[tuple[str | None, bool]] = PLAN_ORDER) -> list[CachePlanBytes]:
+    """Price hetcache's caches for ``model(**inputs)`` under each plan, a ``(cache_dtype, recompute_kv)``
+    pair (default: every plan ``max_cache_bytes`` chooses among, most accurate first; narrower types
+    only where narrower than the model's). ``options`` are the backend's (``prune``,
+    ``relevance_site``...). Raises ``RewriteRefused`` if the model has no partial steps to cache for."""
     config = HetCacheConfig.from_options(dict(options or {}, inner_backend="eager"))
     gm, example_inputs = _trace(model, inputs)
     analysis = analyze(gm, example_inputs)
@@ -74,23 +76,23 @@ def cache_memory(model: torch.nn.Module, inputs: Mapping[str, object], options: 
         raise RewriteRefused(f"no partial steps, so no key/value caches: {analysis.partial_refused}")
     num_outputs = len(output_node(gm.graph).args[0])
     rows, computed = [], None
-    for cache_dtype in [None, *(plans if plans is not None else _NARROWER)]:
+    for cache_dtype, recompute in plans:
+        if cache_dtype is not None and computed is not None and CACHE_DTYPES[cache_dtype].itemsize >= computed.itemsize:
+            continue  # not narrower than what the model computes: nothing gained
         variants = build_variants(gm, analysis, example_inputs, relevance_site=config.relevance_site,
-                                  prune=config.prune, cache_dtype=CACHE_DTYPES.get(cache_dtype))
+                                  prune=config.prune, cache_dtype=CACHE_DTYPES.get(cache_dtype), recompute=recompute)
         if variants.partial is None:
+            if recompute:
+                continue  # this model's keys are not a short projection: no such plan
             raise RewriteRefused(f"no partial steps, so no key/value caches: {variants.partial_refused}")
-        total = branch_peak_bytes(variants, example_inputs, num_outputs, config.reuse_order)
         caches = variants.cache_values(example_inputs, num_outputs)
         computed = computed or caches[0].dtype
-        if cache_dtype is not None and CACHE_DTYPES[cache_dtype].itemsize >= computed.itemsize and plans is None:
-            continue  # not narrower than what the model computes: nothing gained
-        name = f"as computed ({str(computed).removeprefix('torch.')})" if cache_dtype is None else cache_dtype
-        rows.append(CachePlanBytes(name, cache_dtype, total, sum(v.numel() * v.element_size() for v in caches),
+        name = (f"as computed ({str(computed).removeprefix('torch.')})" if cache_dtype is None else cache_dtype)
+        rows.append(CachePlanBytes(name + (", recomputed" if recompute else ""), cache_dtype, recompute,
+                                   branch_peak_bytes(variants, example_inputs, num_outputs, config.reuse_order),
+                                   sum(v.numel() * v.element_size() for v in caches),
                                    analysis.region.num_tokens, len(variants.cached_sites)))
     return rows
-
-
-_NARROWER = ("bfloat16", "float8_e4m3fn")  # float16 only when asked: its range is not the model's
 
 
 def _trace(model: torch.nn.Module, inputs: Mapping[str, object]) -> tuple[fx.GraphModule, list]:

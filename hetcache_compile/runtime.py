@@ -76,6 +76,7 @@ class HetCacheRuntime:
         self.partial = (CompiledVariant("partial", variants.partial, config, specialize_on=len(example_inputs))
                         if variants.partial is not None else None)
         self.partial_note = variants.partial_refused
+        self.recompute = variants.recompute
         self.num_caches = len(variants.cached_sites) * variants.caches_per_site
         self.plan = plan
         limit = plan.limit if plan is not None else None
@@ -185,13 +186,16 @@ class HetCacheRuntime:
                 query, key = state.pending_selection
                 state.selection = self._select(state.classes, query, key, state.exit)
                 if self.config.prune == "block":  # the partial variant reads the context rows only
-                    context = complement(state.selection, state.classes.num_tokens)
+                    state.context = complement(state.selection, state.classes.num_tokens)
                     caches = state.site_caches
                     for i, cache in enumerate(caches):  # in place, so one N-row cache at a time is copied
-                        caches[i] = cache.index_select(cache.dim() - 2, context)
+                        caches[i] = cache.index_select(cache.dim() - 2, state.context)
             state.pending_selection = None
         attention_prune = self.config.prune == "attention"
-        caches = state.site_caches if attention_prune else [state.exit, *state.site_caches]
+        if attention_prune:
+            caches = state.site_caches
+        else:  # the recomputed keys take the context's RoPE rows in the order the caches hold them
+            caches = [state.exit, *([state.context] if self.recompute else []), *state.site_caches]
         outputs = self.partial(*args, state.selection, *caches)
         n = self.layout.num_outputs
         residual, exit, *site_caches = outputs[n:]

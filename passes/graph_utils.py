@@ -115,6 +115,22 @@ def ancestors(nodes: Iterable[fx.Node], values_only: bool = False) -> set[fx.Nod
     return seen
 
 
+def dependencies(nodes: Iterable[fx.Node]) -> set[fx.Node]:
+    """``ancestors`` that also follows in-place writes: a tensor depends on what was written into it
+    (Wan's RoPE fills ``out = empty_like(x)`` with ``out[..., 0::2] = ...``, and FX sees only the
+    ``empty_like``)."""
+    seen: set[fx.Node] = set()
+    stack = list(nodes)
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        stack.extend(node.all_input_nodes)
+        stack.extend(user for user in node.users if mutated_argument(user) is node)
+    return seen
+
+
 def insert_residual(graph: fx.Graph, exit_node: fx.Node, stream: fx.Node) -> fx.Node:
     """Insert ``exit - stream`` right after ``exit_node``: the change a block stack made to its stream."""
     with graph.inserting_after(exit_node):
@@ -129,7 +145,7 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     return copy.deepcopy(gm)
 
 
-def _mutated_argument(node: fx.Node) -> fx.Node | None:
+def mutated_argument(node: fx.Node) -> fx.Node | None:
     """The tensor an in-place node writes into, or None when ``node`` is not a known mutation."""
     if node.op == "call_function" and node.target is operator.setitem:
         target = node.args[0]
@@ -158,7 +174,7 @@ def prune_dead_nodes(graph: fx.Graph) -> int:
         for node in reversed(graph.nodes):
             if node in live:
                 continue
-            mutated = _mutated_argument(node)
+            mutated = mutated_argument(node)
             needed = (
                 node.op in ("output", "placeholder")
                 or any(user in live for user in node.users)

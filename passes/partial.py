@@ -6,7 +6,11 @@ indices), ``hetcache_exit_cache`` (the region exit of the last computed step, al
 ``hetcache_k{j}``, ``hetcache_v{j}`` for each self-attention site j: the *context cache*, the
 keys/values of the last full step for the N - |S| tokens outside S, in the layout attention
 reads them, in any order along the token axis, each stored as ``codec`` says (float8: data
-``hetcache_k{j}`` and scale ``hetcache_k{j}_scale``; decoded in the graph). It:
+``hetcache_k{j}`` and scale ``hetcache_k{j}_scale``; decoded in the graph). With ``recompute``
+the context cache of site j is instead ``hetcache_x{j}``, the rows outside S of the tensor its
+keys and values are projected from, in the order of ``hetcache_context_index`` (int64
+``[N - |S|]``, placed after the exit cache); the graph recomputes their keys and values with
+the context's token inputs (RoPE) gathered at that index (``recompute.py``). It:
 
 1. gathers every token input of the region at S (``token_inputs``: name -> token dim);
 2. runs the region on |S| tokens; at each self-attention site the keys and values are the
@@ -49,18 +53,26 @@ from .graph_utils import (
     prune_dead_nodes,
     tensor_shape,
 )
+from .recompute import copy_projection, projection_source
 from .token_axis import GATHER_PREFIX
 from .token_region import TokenRegion
 
 INDEX_INPUT = "hetcache_index"
 EXIT_CACHE_INPUT = "hetcache_exit_cache"
+CONTEXT_INDEX_INPUT = "hetcache_context_index"
 
 
-def cache_input_names(num_sites: int, prune: str = "block", codec: CacheCodec = CacheCodec()) -> list[str]:
+def cache_input_names(num_sites: int, prune: str = "block", codec: CacheCodec = CacheCodec(),
+                      recompute: bool = False) -> list[str]:
     """Placeholder names the partial variant adds, in order."""
     if prune == "attention":
         return [INDEX_INPUT] + [f"hetcache_a{j}" for j in range(num_sites)]
     names = [INDEX_INPUT, EXIT_CACHE_INPUT]
+    if recompute:
+        names.append(CONTEXT_INDEX_INPUT)
+        for j in range(num_sites):
+            names += codec.names(f"hetcache_x{j}")
+        return names
     for j in range(num_sites):
         names += codec.names(f"hetcache_k{j}") + codec.names(f"hetcache_v{j}")
     return names
@@ -76,28 +88,43 @@ def set_attention_operand(node: fx.Node, index: int, name: str, value: fx.Node) 
 
 
 def build_partial_variant(gm: fx.GraphModule, region: TokenRegion, token_inputs: dict[str, int],
-                          sites: Sequence[str], codec: CacheCodec = CacheCodec()) -> fx.GraphModule:
+                          sites: Sequence[str], codec: CacheCodec = CacheCodec(),
+                          recompute: bool = False) -> fx.GraphModule:
     partial = copy_graph_module(gm)
     graph = partial.graph
     by_name = {n.name: n for n in graph.nodes}
-    inputs = _add_placeholders(graph, cache_input_names(len(sites), codec=codec))
+    inputs = _add_placeholders(graph, cache_input_names(len(sites), codec=codec, recompute=recompute))
     index = inputs[INDEX_INPUT]
 
+    at_context: dict[fx.Node, fx.Node] = {}  # each gathered token input -> the same input at the context rows
     for name, dim in token_inputs.items():
         source = by_name[name]
         with graph.inserting_after(source):
             gathered = graph.call_function(torch.index_select, (source, dim, index))
         gathered.name = f"{GATHER_PREFIX}_{name}"
         source.replace_all_uses_with(gathered, delete_user_cb=lambda user: user.name in region.nodes)
+        if recompute:
+            with graph.inserting_after(gathered):
+                at_context[gathered] = graph.call_function(torch.index_select,
+                                                           (source, dim, inputs[CONTEXT_INDEX_INPUT]))
 
     for j, site_name in enumerate(sites):
         site = by_name[site_name]
         _refuse_masked_attention(site)
+        if recompute:
+            projected = projection_source(graph, site, region.num_tokens)
+            stored = [inputs[name] for name in codec.names(f"hetcache_x{j}")]
+            replacements = {projected: codec.decode(graph, stored, example_value(projected).dtype, before=site),
+                            **at_context}
         for operand, (position, keyword) in (("k", (1, "key")), ("v", (2, "value"))):
             fresh = attention_operand(site, position, keyword)
             dim = len(tensor_shape(fresh)) - 2
-            stored = [inputs[name] for name in codec.names(f"hetcache_{operand}{j}")]
-            cached = codec.decode(graph, stored, example_value(fresh).dtype, before=site)
+            if recompute:
+                cached = copy_projection(graph, projected, fresh, replacements, before=site,
+                                         is_token_input=at_context.__contains__)
+            else:
+                stored = [inputs[name] for name in codec.names(f"hetcache_{operand}{j}")]
+                cached = codec.decode(graph, stored, example_value(fresh).dtype, before=site)
             with graph.inserting_before(site):
                 keys = graph.call_function(torch.cat, ([cached, fresh], dim))
             set_attention_operand(site, position, keyword, keys)

@@ -21,6 +21,7 @@ from .errors import PassFailed, RewriteRefused
 from .graph_utils import ancestors, example_value, is_state_placeholder, output_node, placeholders
 from .partial import build_attention_partial_variant, build_partial_variant, cache_input_names
 from .probe import ModulationSignal, extract_probe, find_modulation, find_timestep_input
+from .recompute import projection_source
 from .record import build_full_variant
 from .reuse import RESIDUAL_INPUT, build_reuse_variant
 from .token_axis import (
@@ -121,12 +122,15 @@ class Variants:
     relevance_site: AttentionSite | None
     prune: str = "block"
     codec: CacheCodec = CacheCodec()
+    recompute: bool = False  # the caches hold the projection input, not keys and values
 
     @property
     def caches_per_site(self) -> int:
-        """Cache tensors per site: keys and values (block), each as ``codec`` stores it, or the attention
-        output (attention)."""
-        return 1 if self.prune == "attention" else 2 * self.codec.tensors_per_cache
+        """Cache tensors per site: keys and values (block) or their projection input (``recompute``),
+        each as ``codec`` stores it, or the attention output (attention)."""
+        if self.prune == "attention":
+            return 1
+        return (1 if self.recompute else 2) * self.codec.tensors_per_cache
 
     def recorded_values(self, example_inputs: Sequence[object], num_outputs: int) -> list[torch.Tensor]:
         """Fake values of what a record step keeps beyond the model's ``num_outputs`` outputs, for inputs
@@ -217,10 +221,11 @@ def _text_inputs(gm: fx.GraphModule, sites: Sequence[AttentionSite], user_inputs
 
 def build_variants(gm: fx.GraphModule, analysis: GraphAnalysis, example_inputs: Sequence[object],
                    relevance_site: int | str = -1, partial: bool = True, prune: str = "block",
-                   cache_dtype: torch.dtype | None = None) -> Variants:
+                   cache_dtype: torch.dtype | None = None, recompute: bool = False) -> Variants:
     """Build the full, reuse, probe and (if the region allows it) partial graphs; ``gm`` is unchanged.
 
-    ``cache_dtype`` stores the partial steps' keys and values in that type (``CacheCodec``).
+    ``cache_dtype`` stores the partial steps' caches in that type (``CacheCodec``); ``recompute``
+    caches each site's projection input and recomputes keys and values from it (``recompute.py``).
 
     A region that is not token-local keeps full and reuse steps and records why partial
     steps were refused in ``Variants.partial_refused``.
@@ -240,19 +245,23 @@ def build_variants(gm: fx.GraphModule, analysis: GraphAnalysis, example_inputs: 
     partial_gm = None
     if refused is None:
         try:
+            recompute = recompute and prune == "block"
             partial_gm = run_pass("partial", _build_checked_partial, gm, analysis, example_inputs, sites, prune,
-                                  codec, verify=(gm, expected + cache_input_names(len(sites), prune, codec)))
+                                  codec, recompute,
+                                  verify=(gm, expected + cache_input_names(len(sites), prune, codec, recompute)))
             record = run_pass("record", build_full_variant, gm, region, sites, relevance.node, prune, codec,
-                              verify=(gm, expected))
+                              recompute, verify=(gm, expected))
         except RewriteRefused as error:
             refused = str(error)
             sites, relevance = (), None
     return Variants(full=full, record=record, reuse=reuse, probe=probe, partial=partial_gm, partial_refused=refused,
-                    cached_sites=sites, relevance_site=relevance, prune=prune, codec=codec)
+                    cached_sites=sites, relevance_site=relevance, prune=prune, codec=codec,
+                    recompute=recompute and partial_gm is not None and prune == "block")
 
 
 def _build_checked_partial(gm: fx.GraphModule, analysis: GraphAnalysis, example_inputs: Sequence[object],
-                           sites: Sequence[str], prune: str, codec: CacheCodec) -> fx.GraphModule:
+                           sites: Sequence[str], prune: str, codec: CacheCodec,
+                           recompute: bool = False) -> fx.GraphModule:
     """Build the partial variant and prove on fake tensors that it is token-local."""
     by_name = {n.name: n for n in gm.graph.nodes}
     tokens = analysis.region.num_tokens
@@ -262,8 +271,13 @@ def _build_checked_partial(gm: fx.GraphModule, analysis: GraphAnalysis, example_
         "hetcache_index": torch.arange(selected, device=exit_value.device),
         "hetcache_exit_cache": _empty_like_meta(by_name[analysis.region.exit]),
     }
+    if recompute:
+        extra["hetcache_context_index"] = torch.arange(tokens - selected, device=exit_value.device)
     for j, name in enumerate(sites):
         site = by_name[name]
+        if recompute:
+            projected = projection_source(gm.graph, site, tokens).meta["example_value"]
+            extra.update(zip(codec.names(f"hetcache_x{j}"), codec.empty_like(projected, tokens - selected)))
         for operand, (position, keyword) in (("k", (1, "key")), ("v", (2, "value"))):
             value = attention_operand(site, position, keyword).meta["example_value"]
             names = codec.names(f"hetcache_{operand}{j}")
@@ -273,7 +287,7 @@ def _build_checked_partial(gm: fx.GraphModule, analysis: GraphAnalysis, example_
         partial = build_attention_partial_variant(gm, analysis.region, sites)
         propagate_fake_shapes(partial, placeholder_examples(partial, example_inputs, extra))
         return partial  # only attention queries shrink: nothing else can mix tokens
-    partial = build_partial_variant(gm, analysis.region, analysis.token_inputs, sites, codec)
+    partial = build_partial_variant(gm, analysis.region, analysis.token_inputs, sites, codec, recompute)
     try:
         propagate_fake_shapes(partial, placeholder_examples(partial, example_inputs, extra))
     except Exception as error:  # noqa: BLE001 - a shape error here means a hard-coded token count

@@ -10,6 +10,7 @@ outputs, then:
 - per self-attention site in ``sites``: with ``prune="block"`` its keys and values
   ``k0, v0, k1, v1, ...`` as the attention op reads them (after norm and RoPE), each in
   ``codec``'s stored form (one tensor, or float8 data and its scale: ``cache_codec.py``); with
+  ``recompute`` instead the tensor they are projected from, one per site (``recompute.py``); with
   ``prune="attention"`` its attention output ``a0, a1, ...``;
 - if ``relevance_site`` is given, the queries and keys of that site (for token selection).
 
@@ -24,13 +25,14 @@ import torch.fx as fx
 
 from .attention import attention_operand
 from .cache_codec import CacheCodec
+from .recompute import projection_source
 from .graph_utils import copy_graph_module, finalize, insert_residual, output_node
 from .token_region import TokenRegion
 
 
 def build_full_variant(gm: fx.GraphModule, region: TokenRegion, sites: Sequence[str] = (),
                        relevance_site: str | None = None, prune: str = "block",
-                       codec: CacheCodec = CacheCodec()) -> fx.GraphModule:
+                       codec: CacheCodec = CacheCodec(), recompute: bool = False) -> fx.GraphModule:
     full = copy_graph_module(gm)
     by_name = {n.name: n for n in full.graph.nodes}
     exit_node, stream = by_name[region.exit], by_name[region.stream_input]
@@ -43,6 +45,8 @@ def build_full_variant(gm: fx.GraphModule, region: TokenRegion, sites: Sequence[
         site = by_name[name]
         if prune == "attention":
             extra.append(site)
+        elif recompute:
+            extra += codec.encode(full.graph, projection_source(full.graph, site, region.num_tokens), before=output)
         else:
             for operand in (attention_operand(site, 1, "key"), attention_operand(site, 2, "value")):
                 extra += codec.encode(full.graph, operand, before=output)

@@ -59,8 +59,11 @@ FRAMES = 3
 HEIGHT = 32   # 16 tokens
 WIDTH = 56    # 28 tokens
 MASK_KINDS = ("box", "blob", "moving", "outpaint")
-SCALE = 1.0  # set so the latents' standard deviation is about 1 (see __main__)
-REGION_TEXTURE_SCALE = 0.8
+SCALE = 1.4  # set so the latents' standard deviation is about 1 (see __main__)
+# A region's one-token texture outweighs its colour: the colour is what a blur recovers from the
+# hole's rim, the texture what only a copy from the same region recovers (SCREENING.md).
+REGION_TEXTURE_SCALE = 1.5
+REGION_COLOUR_SCALE = 0.4
 OBJECT_TEXTURE_SCALE = 0.5
 
 __all__ = ["CHANNELS", "FRAMES", "HEIGHT", "WIDTH", "MASK_KINDS", "HELDOUT_SEED_BASE", "make_clip", "make_batch",
@@ -75,7 +78,7 @@ def _layout(d: _Draw, height: int, width: int):
         nx, ny = math.cos(angle), math.sin(angle)
         px, py = d.uniform(0.2, 0.8) * width, d.uniform(0.2, 0.8) * height  # a point the line passes
         lines.append((nx, ny, nx * px + ny * py))
-    regions = [(d.colour(1.0), _texture(d, REGION_TEXTURE_SCALE)) for _ in range(2 ** len(lines))]
+    regions = [(d.colour(REGION_COLOUR_SCALE), _texture(d, REGION_TEXTURE_SCALE)) for _ in range(2 ** len(lines))]
 
     def paint(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         code = torch.zeros(x.shape, dtype=torch.long)

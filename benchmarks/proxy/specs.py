@@ -48,7 +48,7 @@ PROXIES: dict[str, ProxySpec] = {
         "scenes", scenes, HERE / "weights_scenes",
         # most steps on 16 x 28-cell crops (1.6x cheaper a token: attention is quadratic), then
         # full frames, so that the model also sees the long distances it is evaluated on
-        train_defaults=dict(steps=3000, crop_steps=2300, crop_size=(16, 28), crop_batch=16, batch=6, lr=2e-3,
+        train_defaults=dict(steps=3600, crop_steps=2800, crop_size=(16, 28), crop_batch=16, batch=6, lr=2e-3,
                             warmup=150, pool=4096, time_limit=80.0),
     ),
 }
