@@ -11,7 +11,6 @@ One ``StepScheduler`` serves one CFG branch; ``reset()`` starts a new run.
 from __future__ import annotations
 
 import enum
-import math
 
 import torch
 
@@ -70,38 +69,16 @@ class FixedSchedule(StepScheduler):
         return _LETTERS[pattern[min(self.calls, len(pattern) - 1)]]
 
 
-def planned_cadence(num_calls: int, warmup_steps: int, max_consecutive_reuse: int, refresh_interval: int) -> str:
-    """The cadence of a run whose length is known, as letters: ``warmup_steps`` full calls, then computed
-    steps spread evenly up to the last call (about ``max_consecutive_reuse`` reuses between them, so as
-    many computed steps as the open-ended cadence makes), every ``refresh_interval``-th of them full, the
-    others partial, the last call full.
-
-    >>> planned_cadence(20, 1, 2, 2)  # the open-ended cadence would end ...PRRFR: its last step 2 calls early
-    'FRRPRRFRRRPRRFRRPRRF'
-    >>> planned_cadence(7, 1, 3, 2)
-    'FRRPRRF'
-    """
-    if num_calls <= warmup_steps:
-        return "F" * num_calls
-    start, span = warmup_steps - 1, num_calls - warmup_steps
-    intervals = max(1, math.floor(span / (max_consecutive_reuse + 1) + 0.5))
-    computed = sorted({start + math.floor(i * span / intervals + 0.5) for i in range(1, intervals + 1)})
-    letters = ["F"] * warmup_steps + ["R"] * span
-    for count, call in enumerate(computed, start=1):
-        letters[call] = "F" if count % refresh_interval == 0 or call == num_calls - 1 else "P"
-    return "".join(letters)
-
-
 class AdaptiveSchedule(StepScheduler):
     """Accumulate the modulation change; reuse while it stays below the threshold.
 
     Always full: the first ``warmup_steps`` calls, every ``refresh_interval``-th computed step,
-    the last call when the run's length is known (``expected_calls``), and after
-    ``max_consecutive_reuse`` reuses.
+    after ``max_consecutive_reuse`` reuses, and the last call when the run's length is known
+    (``expected_calls``) unless the call before it was computed (one reuse step after a computed
+    one costs little; measured in docs/design-notes.md, "Presets are a cadence").
     ``τ ≤ A < 1.5τ`` asks for a partial step; the runtime computes fully where partial steps are
     unavailable. With ``threshold=inf`` (the presets) the modulation plays no part: the pattern is a
-    cadence, and a run whose length is known follows ``planned_cadence`` instead, which ends on a
-    computed step at about the same cost.
+    cadence.
     """
 
     def reset(self) -> None:
@@ -110,21 +87,16 @@ class AdaptiveSchedule(StepScheduler):
         self.previous: torch.Tensor | None = None
         self.consecutive_reuse = 0
         self.computed_since_full = 0
-        self.plan: str | None = None
 
     def _choose(self, modulation: torch.Tensor | None) -> StepKind:
         cfg = self.config
-        if math.isinf(cfg.threshold) and self.expected_calls is not None and self.calls < self.expected_calls:
-            if self.plan is None or len(self.plan) != self.expected_calls:
-                self.plan = planned_cadence(self.expected_calls, cfg.warmup_steps, cfg.max_consecutive_reuse,
-                                            cfg.refresh_interval)
-            return _LETTERS[self.plan[self.calls]]
         if modulation is None:
             raise ValueError("the adaptive schedule needs the timestep modulation tensor")
         change = 0.0 if self.previous is None else self._rescale(relative_l1(modulation, self.previous))
         self.previous = modulation.detach().clone()
         self.accumulated += change
-        is_last = self.expected_calls is not None and self.calls == self.expected_calls - 1
+        is_last = (self.expected_calls is not None and self.calls == self.expected_calls - 1
+                   and self.consecutive_reuse > 0)
         if self.calls < cfg.warmup_steps or is_last:
             return self._computed(StepKind.FULL)
         if self.accumulated < cfg.threshold and self.consecutive_reuse < cfg.max_consecutive_reuse:

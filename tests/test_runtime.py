@@ -78,12 +78,11 @@ def _denoise(compiled, inputs, steps: int) -> list[str]:
 
 
 def test_the_last_call_is_full_once_a_run_showed_how_long_runs_are(transformer, inputs):
-    compiled = compile_hetcache(transformer, preset="balanced")
-    first = list(_denoise(compiled, inputs, 5))
-    second = list(_denoise(compiled, inputs, 5))
+    compiled = compile_hetcache(transformer, preset="fast")
+    first = list(_denoise(compiled, inputs, 4))
+    second = list(_denoise(compiled, inputs, 4))
     assert first[-1] == "reuse" and second[-1] == "full"  # nobody said num_steps: learned from run 1
-    computed = [sum(kind != "reuse" for kind in run) for run in (first, second)]
-    assert computed[0] == computed[1]  # the cadence moved its computed steps to end on one, at the same cost
+    assert second[:-1] == first[:-1]
 
 
 def test_a_run_of_another_length_costs_at_most_one_full_step(transformer, inputs):
