@@ -66,7 +66,8 @@ def test_recomputed_keys_and_values_equal_stored_ones_for_half_the_cache(transfo
     assert runtime.recompute and len(linears) >= 6 * 2 + 6 * 3  # per site: q, k, v of S, and k, v of the context
     atol = 1e-5 if cache_dtype is None else 2e-2  # float8: the projection input is what is rounded now
     torch.testing.assert_close(outputs[True], outputs[False], rtol=0, atol=atol)
-    share = 0.5 if cache_dtype is None else 0.5 * (24 + 4) / (12 + 4)  # one [N, 24] row for two [N, 12] per head
+    # float8 bytes a token: x's 24 values + one scale, against K's and V's 24 values + a scale per head (2) each
+    share = 0.5 if cache_dtype is None else (24 + 4) / (2 * (24 + 2 * 4))
     assert kv_bytes[True] == pytest.approx(share * kv_bytes[False], rel=1e-6)
 
 
