@@ -99,10 +99,12 @@ def data_inputs(node: fx.Node) -> list[fx.Node]:
     return node.all_input_nodes
 
 
-def ancestors(nodes: Iterable[fx.Node], values_only: bool = False) -> set[fx.Node]:
+def ancestors(nodes: Iterable[fx.Node], values_only: bool = False, writes: bool = False) -> set[fx.Node]:
     """All nodes that ``nodes`` depend on, the nodes themselves included.
 
-    With ``values_only`` an edge counts only when the value is read (see ``data_inputs``).
+    With ``values_only`` an edge counts only when the value is read (see ``data_inputs``). With
+    ``writes`` a tensor also depends on what was written into it in place (Wan's RoPE fills
+    ``out = empty_like(x)`` with ``out[..., 0::2] = ...``, and FX sees only the ``empty_like``).
     """
     seen: set[fx.Node] = set()
     stack = list(nodes)
@@ -112,22 +114,8 @@ def ancestors(nodes: Iterable[fx.Node], values_only: bool = False) -> set[fx.Nod
             continue
         seen.add(node)
         stack.extend(data_inputs(node) if values_only else node.all_input_nodes)
-    return seen
-
-
-def dependencies(nodes: Iterable[fx.Node]) -> set[fx.Node]:
-    """``ancestors`` that also follows in-place writes: a tensor depends on what was written into it
-    (Wan's RoPE fills ``out = empty_like(x)`` with ``out[..., 0::2] = ...``, and FX sees only the
-    ``empty_like``)."""
-    seen: set[fx.Node] = set()
-    stack = list(nodes)
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        stack.extend(node.all_input_nodes)
-        stack.extend(user for user in node.users if mutated_argument(user) is node)
+        if writes:
+            stack.extend(user for user in node.users if mutated_argument(user) is node)
     return seen
 
 

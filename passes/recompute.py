@@ -25,14 +25,14 @@ import torch.fx as fx
 
 from .attention import attention_operand
 from .errors import RewriteRefused
-from .graph_utils import dependencies, describe, mutated_argument, tensor_shape
+from .graph_utils import ancestors, describe, mutated_argument, tensor_shape
 
 MAX_CHAIN_NODES = 64
 
 
 def projection_source(graph: fx.Graph, site: fx.Node, num_tokens: int) -> fx.Node:
     operands = [attention_operand(site, i, name) for i, name in enumerate(("query", "key", "value"))]
-    common = set.intersection(*(dependencies([op]) for op in operands))
+    common = set.intersection(*(ancestors([op], writes=True) for op in operands))
     order = {node: i for i, node in enumerate(graph.nodes)}
     for node in sorted(common, key=order.__getitem__, reverse=True):
         shape = tensor_shape(node)
