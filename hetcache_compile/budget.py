@@ -79,7 +79,7 @@ def choose_cache_plan(build: Callable[[str | None, bool], Variants], example_inp
     candidates = [(config.cache_dtype, config.recompute_kv)] if fixed else list(PLAN_ORDER)
     computed_size, last = None, None
     for cache_dtype, recompute in candidates:
-        if _not_narrower(cache_dtype, computed_size):
+        if not_narrower(cache_dtype, computed_size):
             continue
         variants = build(cache_dtype, recompute)
         if variants.partial is None:
@@ -99,7 +99,7 @@ def choose_cache_plan(build: Callable[[str | None, bool], Variants], example_inp
     return last
 
 
-def _not_narrower(cache_dtype: str | None, computed_size: int | None) -> bool:
+def not_narrower(cache_dtype: str | None, computed_size: int | None) -> bool:
     """Whether storing as ``cache_dtype`` saves nothing over the model's own type (``computed_size`` bytes)."""
     return cache_dtype is not None and computed_size is not None and CACHE_DTYPES[cache_dtype].itemsize >= computed_size
 

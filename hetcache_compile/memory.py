@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from .budget import PLAN_ORDER, branch_peak_bytes
+from .budget import PLAN_ORDER, branch_peak_bytes, not_narrower
 from .config import CACHE_DTYPES, HetCacheConfig
 from .passes import RewriteRefused, analyze, build_variants
 from .passes.graph_utils import output_node
@@ -77,8 +77,8 @@ def cache_memory(model: torch.nn.Module, inputs: Mapping[str, object], options: 
     num_outputs = len(output_node(gm.graph).args[0])
     rows, computed = [], None
     for cache_dtype, recompute in plans:
-        if cache_dtype is not None and computed is not None and CACHE_DTYPES[cache_dtype].itemsize >= computed.itemsize:
-            continue  # not narrower than what the model computes: nothing gained
+        if not_narrower(cache_dtype, computed and computed.itemsize):
+            continue  # nothing gained over what the model computes
         variants = build_variants(gm, analysis, example_inputs, relevance_site=config.relevance_site,
                                   prune=config.prune, cache_dtype=CACHE_DTYPES.get(cache_dtype), recompute=recompute)
         if variants.partial is None:
