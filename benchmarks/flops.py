@@ -192,22 +192,27 @@ def rows_for(frames: int, mask_name: str, steps: int) -> list[list[str]]:
     configs = {"full compute": HetCacheConfig(schedule="full")}
     configs |= {f"hetcache {name}": HetCacheConfig.from_options({"preset": name}) for name in PRESETS}
     configs["reuse only (balanced, no partial)"] = HetCacheConfig.from_options({"partial": False})
+    configs["hetcache balanced, recompute_kv=True"] = HetCacheConfig.from_options({"recompute_kv": True})
     sizes = {}
     for name, config in configs.items():
         classes = classify_tokens(token_mask, config.margin_radius)
         sizes[name] = (budget_size(classes, config.context_ratio, config.margin_ratio, config.size_buckets),
                        classes)
     flops = variant_flops(WAN_VACE_1_3B, frames, height, width, [size for size, _ in sizes.values()])
+    recomputed = variant_flops(WAN_VACE_1_3B, frames, height, width,
+                               [size for name, (size, _) in sizes.items() if configs[name].recompute_kv],
+                               recompute=True)
     baseline = None
     rows = []
     for name, config in configs.items():
         size, classes = sizes[name]
+        flops_of = recomputed if config.recompute_kv else flops
         kinds = step_kinds(config, steps)
         if not config.partial:
             kinds = kinds.replace("P", "F")
         selection = selection_cost(flops.num_tokens, classes.generative.numel(), classes.context.numel(),
                                    WAN_VACE_1_3B) if "P" in kinds else 0
-        total = run_flops(flops, kinds, size, selection)
+        total = run_flops(flops_of, kinds, size, selection)
         baseline = baseline or total
         counts = {k: kinds.count(k) for k in "FPR"}
         rows.append([
@@ -243,6 +248,10 @@ def main() -> None:
         "counted with FlopCounterMode on the meta device (no weights); the adaptive schedule is driven by a "
         "randomly initialised time embedder of the real config, so the step mix is a proxy for the trained model",
         *notes,
+        "cache plans: `recompute_kv=True` adds two projections (keys and values, with their norm and RoPE) of the "
+        "context rows at every site of every partial step (its row); `cache_dtype` (bfloat16, float8) and "
+        "`cache_device='cpu'` leave the counted FLOPs as they are: casts, scales and copies are elementwise "
+        "or transfers, which FlopCounterMode does not count",
     ]
     write_table("flops", "FLOPs: Wan2.1-VACE-1.3B, 480x832, 50 steps, CFG on (2 calls per step)", columns, rows,
                 header=header)

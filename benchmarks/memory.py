@@ -83,12 +83,18 @@ def main() -> None:
         for plan in plans:
             caches = BRANCHES * plan.bytes_per_branch
             row += [f"{caches / GIB:.1f}", fits(weights[name] + caches)]
+        exact = plans[0]  # as computed, in host memory: what stays on the device, what goes to the host
+        on_device = BRANCHES * exact.offloaded_bytes_per_branch
+        row += [f"{on_device / GIB:.1f}", f"{BRANCHES * exact.key_value_bytes / GIB:.1f}",
+                fits(weights[name] + on_device)]
         rows.append(row)
         torch._dynamo.reset()
 
     columns = ["model", "video (px x frames)", "tokens", "cached sites", "weights (GiB)"]
     for plan in plan_names:
         columns += [f"caches, {plan} (GiB)", f"fits (GB) {plan}"]
+    columns += [f"caches on the GPU, {plan_names[0]}, in host memory (GiB)", "host memory (GiB)",
+                "fits (GB), in host memory"]
     write_table(
         args.name, "hetcache cache memory at real scale (two CFG branches, bfloat16 model)", columns, rows,
         header=[f"when: {utc_now()}", f"machine: {machine_description()} (nothing runs: meta tensors)",
@@ -101,7 +107,12 @@ def main() -> None:
                "and values); `recompute_kv=True` (the keys' and values' projection input, one tensor for two: "
                "exact, costs two projections of the context rows a site); `cache_dtype='float8_e4m3fn'` (one "
                "byte a value and a float32 scale per token and head); both. `'bfloat16'` is no plan here: the "
-               "model computes in bfloat16."],
+               "model computes in bfloat16.",
+               "In host memory (`cache_device='cpu'`, exact): every site's keys and values go to pinned host "
+               "memory right after its attention; a partial step brings each back one attention ahead on a "
+               "side stream, so the GPU holds two sites' caches at a time, beside the residual, the final "
+               "hidden states and the relevance query and key. The host holds the rest (per-plan host bytes are "
+               "the plan's caches without those)."],
     )
 
 

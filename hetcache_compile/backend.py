@@ -99,7 +99,8 @@ class HetCacheBackend:
             def build(cache_dtype: str | None, recompute: bool) -> Variants:
                 return build_variants(gm, analysis, example_inputs, relevance_site=config.relevance_site,
                                       partial=config.partial, prune=config.prune,
-                                      cache_dtype=CACHE_DTYPES.get(cache_dtype), recompute=recompute)
+                                      cache_dtype=CACHE_DTYPES.get(cache_dtype), recompute=recompute,
+                                      offload=config.cache_device == "cpu")
 
             num_outputs = len(output_node(gm.graph).args[0])
             variants, plan = choose_cache_plan(build, example_inputs, num_outputs, config, limit)

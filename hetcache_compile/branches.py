@@ -40,6 +40,7 @@ class BranchState:
     reuse_order: int = 0  # 1: reuse steps extrapolate the residual linearly in the timestep
     residual_timestep: float | None = None  # timestep of the call that computed ``residual``
     residual_slope: torch.Tensor | None = None  # d residual / d timestep over the last two computed steps
+    caches_on_host: bool = False  # ``site_caches`` are host tensors (``cache_device="cpu"``)
 
     def reset(self) -> None:
         self.scheduler.reset()
@@ -48,7 +49,7 @@ class BranchState:
         self.site_caches = []
         self.last_timestep = None
         self.stats.history = []
-        self.stats.cache_bytes = 0
+        self.stats.cache_bytes = self.stats.host_cache_bytes = 0
 
     def store(self, residual: torch.Tensor, exit: torch.Tensor | None, site_caches: Sequence[torch.Tensor],
               pending_selection: tuple | None = None) -> None:
@@ -60,9 +61,11 @@ class BranchState:
         self._update_slope(residual)
         self.residual, self.exit, self.site_caches = residual, exit, [_contiguous(t) for t in site_caches]
         self.residual_timestep = self.last_timestep
-        tensors = [residual, *([exit] if exit is not None else []), *self.site_caches, *(pending_selection or ()),
+        tensors = [residual, *([exit] if exit is not None else []), *(pending_selection or ()),
                    *([self.residual_slope] if self.residual_slope is not None else [])]
-        self.stats.cache_bytes = sum(t.numel() * t.element_size() for t in tensors)
+        site_bytes = _bytes(self.site_caches)
+        self.stats.cache_bytes = _bytes(tensors) + (0 if self.caches_on_host else site_bytes)
+        self.stats.host_cache_bytes = site_bytes if self.caches_on_host else 0
 
     def reuse_residual(self) -> torch.Tensor:
         """The residual a reuse step adds: the last one, or (``reuse_order=1``) its linear extrapolation
@@ -78,6 +81,10 @@ class BranchState:
             self.residual_slope = None
             return
         self.residual_slope = (residual - previous) / (t1 - t0)
+
+
+def _bytes(tensors: Sequence[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _contiguous(tensor: torch.Tensor | None) -> torch.Tensor | None:

@@ -51,10 +51,12 @@ class CachePlan:
     limit: int | None
     branches: int
     fits: bool
+    offload: bool = False  # the per-site caches live in host memory; the bytes are the device's
 
     @property
     def name(self) -> str:
-        return (self.cache_dtype or "as computed") + (", keys/values recomputed" if self.recompute else "")
+        return ((self.cache_dtype or "as computed") + (", keys/values recomputed" if self.recompute else "")
+                + (", in host memory" if self.offload else ""))
 
     def describe(self) -> str:
         text = f"cache plan: {self.name}"
@@ -90,10 +92,11 @@ def choose_cache_plan(build: Callable[[str | None, bool], Variants], example_inp
                                                                   config.reuse_order)
         if fixed:  # priced only when there is a limit to hold it to (fake propagation costs seconds)
             return variants, CachePlan(cache_dtype, recompute, per_branch, limit, config.budget_branches,
-                                       limit is None or config.budget_branches * per_branch <= limit)
+                                       limit is None or config.budget_branches * per_branch <= limit,
+                                       variants.offload)
         computed_size = computed_size or variants.cache_values(example_inputs, num_outputs)[0].element_size()
         last = (variants, CachePlan(cache_dtype, recompute, per_branch, limit, config.budget_branches,
-                                    config.budget_branches * per_branch <= limit))
+                                    config.budget_branches * per_branch <= limit, variants.offload))
         if last[1].fits:
             return last
     return last
@@ -105,12 +108,23 @@ def not_narrower(cache_dtype: str | None, computed_size: int | None) -> bool:
 
 
 def branch_peak_bytes(variants: Variants, example_inputs: Sequence[object], num_outputs: int,
-                      reuse_order: int) -> int:
-    """The most one branch holds: what a record step keeps (every token's caches, the relevance query
-    and key) and, with ``reuse_order=1``, the residual slope of the steps before it."""
+                      reuse_order: int, offload: bool | None = None) -> int:
+    """The most one branch holds on the device: what a record step keeps (every token's caches, the
+    relevance query and key) and, with ``reuse_order=1``, the residual slope of the steps before it.
+    Offloaded caches (``offload``, default ``variants.offload``) count as the two sites' worth a
+    partial step has on the device at once."""
     values = variants.recorded_values(example_inputs, num_outputs)
-    total = sum(v.numel() * v.element_size() for v in values)
-    return total + (values[0].numel() * values[0].element_size() if reuse_order and values else 0)
+    total = _bytes(values) + (_bytes(values[:1]) if reuse_order and values else 0)
+    if variants.offload if offload is None else offload:
+        caches = variants.cache_values(example_inputs, num_outputs)
+        per_site = variants.caches_per_site
+        largest = max(_bytes(caches[i:i + per_site]) for i in range(0, len(caches), per_site))
+        total += min(2, len(variants.cached_sites)) * largest - _bytes(caches)
+    return total
+
+
+def _bytes(tensors: Sequence[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 class CacheBudget:

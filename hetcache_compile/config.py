@@ -130,6 +130,12 @@ class HetCacheConfig:
             from (one ``[B, N, dim]`` tensor instead of two), and recompute the context's keys and
             values in the partial graph: half the bytes, exact, for about 2 x (N - |S|) x dim^2
             multiply-adds a site more. ``prune="block"`` only.
+        cache_device: where the context caches live between steps: ``None`` (on the model's device)
+            or ``"cpu"``: in pinned host memory. Each site's keys and values leave the device right
+            after its attention in a full step and come back, one site ahead, on a side stream in a
+            partial step, so the device holds about two sites' caches instead of all of them;
+            exact, for host memory and PCIe traffic. ``max_cache_bytes`` then bounds the device
+            bytes only. ``prune="block"`` only.
         size_buckets: |S| is rounded up to a multiple of ``ceil(N / size_buckets)`` by computing
             extra context tokens (the most relevant ones left), so videos with different masks
             share compiled partial variants: at most ``size_buckets`` of them per resolution.
@@ -161,6 +167,7 @@ class HetCacheConfig:
     partial: bool = True
     cache_dtype: str | None = None
     recompute_kv: bool = False
+    cache_device: str | None = None
     size_buckets: int = 32
 
     def __post_init__(self) -> None:
@@ -196,6 +203,9 @@ class HetCacheConfig:
         _require(self.cache_dtype is None or self.cache_dtype in CACHE_DTYPES, "cache_dtype", self.cache_dtype,
                  f"None or one of {list(CACHE_DTYPES)}")
         _require(self.cache_dtype is None or self.prune == "block", "cache_dtype", self.cache_dtype,
+                 "None with prune='attention' (its caches are rewritten every partial step)")
+        _require(self.cache_device in (None, "cpu"), "cache_device", self.cache_device, "None or 'cpu'")
+        _require(self.cache_device is None or self.prune == "block", "cache_device", self.cache_device,
                  "None with prune='attention' (its caches are rewritten every partial step)")
         _require(isinstance(self.recompute_kv, bool), "recompute_kv", self.recompute_kv, "True or False")
         _require(not self.recompute_kv or self.prune == "block", "recompute_kv", self.recompute_kv,

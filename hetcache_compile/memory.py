@@ -4,7 +4,9 @@
 exactly as the backend does under each cache plan, and prices the tensors a full step records,
 from shapes and dtypes alone (fake tensors: no memory, no compute). Build the model and the
 inputs on the ``meta`` device and nothing is allocated, so the 14B model at 720p can be priced
-on a laptop (``benchmarks/memory.py`` does, for the Wan sizes).
+on a laptop (``benchmarks/memory.py`` does, for the Wan sizes). With ``cache_device="cpu"`` the
+per-site caches live in host memory and the device holds two sites' worth of them at a time
+(``offloaded_bytes_per_branch``).
 
 The bytes of a branch are its peak: right after a record step every token's keys and values
 are held; the first partial step keeps only the rows outside S (less, by the share of S).
@@ -29,10 +31,13 @@ diffusers default), 1 with batched CFG or none.
 True
 >>> [round(p.key_value_bytes / plans[0].key_value_bytes, 3) for p in plans]  # float8: + a float32 scale a row
 [1.0, 0.5, 0.5, 0.25, 0.333, 0.146]
+>>> plans[0].bytes_per_branch - plans[0].offloaded_bytes_per_branch == plans[0].key_value_bytes // 3  # 2 of 3 sites
+True
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -56,6 +61,7 @@ class CachePlanBytes:
     recompute_kv: bool  # and its ``recompute_kv`` option
     bytes_per_branch: int  # the peak of one branch (``budget.branch_peak_bytes``)
     key_value_bytes: int  # of which the per-site caches (keys and values, or their input; scales included)
+    offloaded_bytes_per_branch: int  # the device's peak with ``cache_device="cpu"`` (key_value_bytes on the host)
     num_tokens: int
     cached_sites: int
 
@@ -88,9 +94,9 @@ def cache_memory(model: torch.nn.Module, inputs: Mapping[str, object], options: 
         caches = variants.cache_values(example_inputs, num_outputs)
         computed = computed or caches[0].dtype
         name = (f"as computed ({str(computed).removeprefix('torch.')})" if cache_dtype is None else cache_dtype)
-        rows.append(CachePlanBytes(name + (", recomputed" if recompute else ""), cache_dtype, recompute,
-                                   branch_peak_bytes(variants, example_inputs, num_outputs, config.reuse_order),
-                                   sum(v.numel() * v.element_size() for v in caches),
+        peak = functools.partial(branch_peak_bytes, variants, example_inputs, num_outputs, config.reuse_order)
+        rows.append(CachePlanBytes(name + (", recomputed" if recompute else ""), cache_dtype, recompute, peak(),
+                                   sum(v.numel() * v.element_size() for v in caches), peak(offload=True),
                                    analysis.region.num_tokens, len(variants.cached_sites)))
     return rows
 

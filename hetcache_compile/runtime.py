@@ -28,6 +28,7 @@ from .instances import CompiledFrom, InstanceTable
 from .layout import InputLayout
 from .masks import MaskSource
 from .passes import GraphAnalysis, Variants
+from .passes.offload import wait_for_host_copies
 from .priors import TokenClasses
 from .schedule import StepKind, make_scheduler
 from .selection import complement, relevance, select_tokens
@@ -77,6 +78,7 @@ class HetCacheRuntime:
                         if variants.partial is not None else None)
         self.partial_note = variants.partial_refused
         self.recompute = variants.recompute
+        self.offload = variants.offload
         self.num_caches = len(variants.cached_sites) * variants.caches_per_site
         self.plan = plan
         limit = plan.limit if plan is not None else None
@@ -147,7 +149,7 @@ class HetCacheRuntime:
     def _new_instance(self) -> InstanceState:
         def make_branch(name: str) -> BranchState:
             return BranchState(scheduler=make_scheduler(self.config), stats=BranchStats(name),
-                               reuse_order=self.config.reuse_order)
+                               reuse_order=self.config.reuse_order, caches_on_host=self.offload)
         return InstanceState(branches=BranchTable(self.config.max_branches, make_branch))
 
     def _feasible(self, state: BranchState, kind: StepKind) -> StepKind:
@@ -187,9 +189,7 @@ class HetCacheRuntime:
                 state.selection = self._select(state.classes, query, key, state.exit)
                 if self.config.prune == "block":  # the partial variant reads the context rows only
                     state.context = complement(state.selection, state.classes.num_tokens)
-                    caches = state.site_caches
-                    for i, cache in enumerate(caches):  # in place, so one N-row cache at a time is copied
-                        caches[i] = cache.index_select(cache.dim() - 2, state.context)
+                    self._keep_context_rows(state)
             state.pending_selection = None
         attention_prune = self.config.prune == "attention"
         if attention_prune:
@@ -202,6 +202,22 @@ class HetCacheRuntime:
         state.store(residual, exit, site_caches if attention_prune else state.site_caches)
         state.stats.token_fractions.append(state.selection.numel() / state.classes.num_tokens)
         return outputs[:n]
+
+    def _keep_context_rows(self, state: BranchState) -> None:
+        """Cut the N-row caches down to the context rows, in place, so one N-row cache at a time is copied.
+        Host caches are cut on the host, into pinned memory for the device copies, once their own copies
+        from the device have landed."""
+        caches, rows = state.site_caches, state.context
+        if self.offload:
+            wait_for_host_copies(state.exit.device)
+            rows = rows.cpu()
+        for i, cache in enumerate(caches):
+            if self.offload and state.exit.is_cuda:
+                shape = (*cache.shape[:-2], rows.numel(), cache.shape[-1])
+                caches[i] = torch.index_select(cache, cache.dim() - 2, rows,
+                                               out=torch.empty(shape, dtype=cache.dtype, pin_memory=True))
+            else:
+                caches[i] = cache.index_select(cache.dim() - 2, rows)
 
     def _select(self, classes: TokenClasses, query: torch.Tensor, key: torch.Tensor,
                 exit: torch.Tensor) -> torch.Tensor:

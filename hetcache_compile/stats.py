@@ -19,7 +19,8 @@ class BranchStats:
     steps: dict[str, int] = field(default_factory=_empty_steps)
     history: list[str] = field(default_factory=list)  # kinds of the current run, in call order
     runs: int = 0
-    cache_bytes: int = 0
+    cache_bytes: int = 0  # held on the model's device
+    host_cache_bytes: int = 0  # held in host memory (``cache_device="cpu"``)
     token_fractions: list[float] = field(default_factory=list)  # |S| / N of each partial step
 
     def record(self, kind: str) -> None:
@@ -44,6 +45,7 @@ class HetCacheStats:
     compile_seconds: dict[str, float] = field(default_factory=dict)
     compile_counts: dict[str, int] = field(default_factory=dict)
     cache_bytes: int = 0
+    host_cache_bytes: int = 0
     fallback_reasons: list[str] = field(default_factory=list)
     graphs: int = 0
     graph_calls: int = 0
@@ -71,13 +73,17 @@ class HetCacheStats:
         total.token_fractions = total.token_fractions + branch.token_fractions
         total.runs += branch.runs
         total.cache_bytes += branch.cache_bytes
+        total.host_cache_bytes += branch.host_cache_bytes
         for kind in STEP_KINDS:
             self.steps[kind] += branch.steps[kind]
         self.cache_bytes += branch.cache_bytes
+        self.host_cache_bytes += branch.host_cache_bytes
 
     def summary(self) -> str:
         parts = [f"{kind}={self.steps[kind]}" for kind in STEP_KINDS]
         text = f"hetcache: {self.calls} calls ({', '.join(parts)}), cache {self.cache_bytes / 2**20:.1f} MiB"
+        if self.host_cache_bytes:
+            text += f" (+ {self.host_cache_bytes / 2**20:.1f} MiB in host memory)"
         if self.graphs > 1:
             text += f", {self.graphs} graphs ({self.graph_calls} graph calls)"
         if self.token_fraction is not None:

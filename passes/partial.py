@@ -1,8 +1,8 @@
 """Build the *partial* variant: compute the selected tokens S, reuse cached rows for the rest.
 
-Contract: ``build_partial_variant(gm, region, token_inputs, sites, codec=CacheCodec())`` returns a new GraphModule
-whose placeholders are ``gm``'s followed by ``hetcache_index`` (int64 ``[|S|]``, sorted token
-indices), ``hetcache_exit_cache`` (the region exit of the last computed step, all tokens) and
+Contract: ``build_partial_variant(gm, region, token_inputs, sites, codec=CacheCodec(), recompute=False,
+offload=False)`` returns a new GraphModule whose placeholders are ``gm``'s followed by
+``hetcache_index`` (int64 ``[|S|]``, sorted token indices), ``hetcache_exit_cache`` (the region exit of the last computed step, all tokens) and
 ``hetcache_k{j}``, ``hetcache_v{j}`` for each self-attention site j: the *context cache*, the
 keys/values of the last full step for the N - |S| tokens outside S, in the layout attention
 reads them, in any order along the token axis, each stored as ``codec`` says (float8: data
@@ -10,7 +10,9 @@ reads them, in any order along the token axis, each stored as ``codec`` says (fl
 the context cache of site j is instead ``hetcache_x{j}``, the rows outside S of the tensor its
 keys and values are projected from, in the order of ``hetcache_context_index`` (int64
 ``[N - |S|]``, placed after the exit cache); the graph recomputes their keys and values with
-the context's token inputs (RoPE) gathered at that index (``recompute.py``). It:
+the context's token inputs (RoPE) gathered at that index (``recompute.py``). With ``offload``
+the context caches are host tensors, each site's copied to the device while the attention before
+it runs (``offload.py``). It:
 
 1. gathers every token input of the region at S (``token_inputs``: name -> token dim);
 2. runs the region on |S| tokens; at each self-attention site the keys and values are the
@@ -53,6 +55,7 @@ from .graph_utils import (
     prune_dead_nodes,
     tensor_shape,
 )
+from .offload import fetch
 from .recompute import copy_projection, projection_source
 from .token_axis import GATHER_PREFIX
 from .token_region import TokenRegion
@@ -89,7 +92,7 @@ def set_attention_operand(node: fx.Node, index: int, name: str, value: fx.Node) 
 
 def build_partial_variant(gm: fx.GraphModule, region: TokenRegion, token_inputs: dict[str, int],
                           sites: Sequence[str], codec: CacheCodec = CacheCodec(),
-                          recompute: bool = False) -> fx.GraphModule:
+                          recompute: bool = False, offload: bool = False) -> fx.GraphModule:
     partial = copy_graph_module(gm)
     graph = partial.graph
     by_name = {n.name: n for n in graph.nodes}
@@ -108,13 +111,19 @@ def build_partial_variant(gm: fx.GraphModule, region: TokenRegion, token_inputs:
                 at_context[gathered] = graph.call_function(torch.index_select,
                                                            (source, dim, inputs[CONTEXT_INDEX_INPUT]))
 
-    for j, site_name in enumerate(sites):
-        site = by_name[site_name]
+    site_nodes = [by_name[name] for name in sites]
+    for j, site in enumerate(site_nodes):
         _refuse_masked_attention(site)
+        stored = {base: [inputs[name] for name in codec.names(f"hetcache_{base}{j}")]
+                  for base in (("x",) if recompute else ("k", "v"))}
+        if offload:  # start the copy one attention early, on the side stream
+            ahead = site_nodes[j - 1] if j else site
+            copies = fetch(graph, [t for ts in stored.values() for t in ts], attention_operand(ahead, 0, "query"),
+                           start_before=ahead, use_before=site)
+            stored = {base: [copies.pop(0) for _ in ts] for base, ts in stored.items()}
         if recompute:
             projected = projection_source(graph, site, region.num_tokens)
-            stored = [inputs[name] for name in codec.names(f"hetcache_x{j}")]
-            replacements = {projected: codec.decode(graph, stored, example_value(projected).dtype, before=site),
+            replacements = {projected: codec.decode(graph, stored["x"], example_value(projected).dtype, before=site),
                             **at_context}
         for operand, (position, keyword) in (("k", (1, "key")), ("v", (2, "value"))):
             fresh = attention_operand(site, position, keyword)
@@ -123,8 +132,7 @@ def build_partial_variant(gm: fx.GraphModule, region: TokenRegion, token_inputs:
                 cached = copy_projection(graph, projected, fresh, replacements, before=site,
                                          is_token_input=at_context.__contains__)
             else:
-                stored = [inputs[name] for name in codec.names(f"hetcache_{operand}{j}")]
-                cached = codec.decode(graph, stored, example_value(fresh).dtype, before=site)
+                cached = codec.decode(graph, stored[operand], example_value(fresh).dtype, before=site)
             with graph.inserting_before(site):
                 keys = graph.call_function(torch.cat, ([cached, fresh], dim))
             set_attention_operand(site, position, keyword, keys)

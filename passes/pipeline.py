@@ -123,6 +123,7 @@ class Variants:
     prune: str = "block"
     codec: CacheCodec = CacheCodec()
     recompute: bool = False  # the caches hold the projection input, not keys and values
+    offload: bool = False  # the per-site caches live in host memory (``offload.py``)
 
     @property
     def caches_per_site(self) -> int:
@@ -221,11 +222,13 @@ def _text_inputs(gm: fx.GraphModule, sites: Sequence[AttentionSite], user_inputs
 
 def build_variants(gm: fx.GraphModule, analysis: GraphAnalysis, example_inputs: Sequence[object],
                    relevance_site: int | str = -1, partial: bool = True, prune: str = "block",
-                   cache_dtype: torch.dtype | None = None, recompute: bool = False) -> Variants:
+                   cache_dtype: torch.dtype | None = None, recompute: bool = False,
+                   offload: bool = False) -> Variants:
     """Build the full, reuse, probe and (if the region allows it) partial graphs; ``gm`` is unchanged.
 
     ``cache_dtype`` stores the partial steps' caches in that type (``CacheCodec``); ``recompute``
-    caches each site's projection input and recomputes keys and values from it (``recompute.py``).
+    caches each site's projection input and recomputes keys and values from it (``recompute.py``);
+    ``offload`` keeps the per-site caches in host memory (``offload.py``).
 
     A region that is not token-local keeps full and reuse steps and records why partial
     steps were refused in ``Variants.partial_refused``.
@@ -245,23 +248,24 @@ def build_variants(gm: fx.GraphModule, analysis: GraphAnalysis, example_inputs: 
     partial_gm = None
     if refused is None:
         try:
-            recompute = recompute and prune == "block"
+            recompute, offload = recompute and prune == "block", offload and prune == "block"
             partial_gm = run_pass("partial", _build_checked_partial, gm, analysis, example_inputs, sites, prune,
-                                  codec, recompute,
+                                  codec, recompute, offload,
                                   verify=(gm, expected + cache_input_names(len(sites), prune, codec, recompute)))
             record = run_pass("record", build_full_variant, gm, region, sites, relevance.node, prune, codec,
-                              recompute, verify=(gm, expected))
+                              recompute, offload, verify=(gm, expected))
         except RewriteRefused as error:
             refused = str(error)
             sites, relevance = (), None
     return Variants(full=full, record=record, reuse=reuse, probe=probe, partial=partial_gm, partial_refused=refused,
                     cached_sites=sites, relevance_site=relevance, prune=prune, codec=codec,
-                    recompute=recompute and partial_gm is not None and prune == "block")
+                    recompute=recompute and partial_gm is not None and prune == "block",
+                    offload=offload and partial_gm is not None and prune == "block")
 
 
 def _build_checked_partial(gm: fx.GraphModule, analysis: GraphAnalysis, example_inputs: Sequence[object],
                            sites: Sequence[str], prune: str, codec: CacheCodec,
-                           recompute: bool = False) -> fx.GraphModule:
+                           recompute: bool = False, offload: bool = False) -> fx.GraphModule:
     """Build the partial variant and prove on fake tensors that it is token-local."""
     by_name = {n.name: n for n in gm.graph.nodes}
     tokens = analysis.region.num_tokens
@@ -287,7 +291,7 @@ def _build_checked_partial(gm: fx.GraphModule, analysis: GraphAnalysis, example_
         partial = build_attention_partial_variant(gm, analysis.region, sites)
         propagate_fake_shapes(partial, placeholder_examples(partial, example_inputs, extra))
         return partial  # only attention queries shrink: nothing else can mix tokens
-    partial = build_partial_variant(gm, analysis.region, analysis.token_inputs, sites, codec, recompute)
+    partial = build_partial_variant(gm, analysis.region, analysis.token_inputs, sites, codec, recompute, offload)
     try:
         propagate_fake_shapes(partial, placeholder_examples(partial, example_inputs, extra))
     except Exception as error:  # noqa: BLE001 - a shape error here means a hard-coded token count

@@ -1,6 +1,7 @@
 """Build the *full* variant: the original graph plus everything the runtime must remember.
 
-Contract: ``build_full_variant(gm, region, sites=(), relevance_site=None, prune="block", codec=CacheCodec())``
+Contract: ``build_full_variant(gm, region, sites=(), relevance_site=None, prune="block", codec=CacheCodec(),
+recompute=False, offload=False)``
 returns a new GraphModule with the same placeholders as ``gm``. Its outputs are ``gm``'s
 outputs, then:
 
@@ -14,6 +15,9 @@ outputs, then:
   ``prune="attention"`` its attention output ``a0, a1, ...``;
 - if ``relevance_site`` is given, the queries and keys of that site (for token selection).
 
+With ``offload`` each site's stored caches are copied to the host right after its attention
+(``offload.py``), and the outputs are those host copies.
+
 ``gm`` is not modified; every original node keeps its ``meta``.
 """
 
@@ -25,14 +29,16 @@ import torch.fx as fx
 
 from .attention import attention_operand
 from .cache_codec import CacheCodec
-from .recompute import projection_source
 from .graph_utils import copy_graph_module, finalize, insert_residual, output_node
+from .offload import offload as offload_to_host
+from .recompute import projection_source
 from .token_region import TokenRegion
 
 
 def build_full_variant(gm: fx.GraphModule, region: TokenRegion, sites: Sequence[str] = (),
                        relevance_site: str | None = None, prune: str = "block",
-                       codec: CacheCodec = CacheCodec(), recompute: bool = False) -> fx.GraphModule:
+                       codec: CacheCodec = CacheCodec(), recompute: bool = False,
+                       offload: bool = False) -> fx.GraphModule:
     full = copy_graph_module(gm)
     by_name = {n.name: n for n in full.graph.nodes}
     exit_node, stream = by_name[region.exit], by_name[region.stream_input]
@@ -45,11 +51,15 @@ def build_full_variant(gm: fx.GraphModule, region: TokenRegion, sites: Sequence[
         site = by_name[name]
         if prune == "attention":
             extra.append(site)
-        elif recompute:
-            extra += codec.encode(full.graph, projection_source(full.graph, site, region.num_tokens), before=output)
+            continue
+        # offloaded caches leave right after their last use, so the device never holds them all
+        before = site.next if offload else output
+        if recompute:
+            cached = [projection_source(full.graph, site, region.num_tokens)]
         else:
-            for operand in (attention_operand(site, 1, "key"), attention_operand(site, 2, "value")):
-                extra += codec.encode(full.graph, operand, before=output)
+            cached = [attention_operand(site, 1, "key"), attention_operand(site, 2, "value")]
+        stored = [t for operand in cached for t in codec.encode(full.graph, operand, before=before)]
+        extra += offload_to_host(full.graph, stored, before=before) if offload else stored
     if relevance_site is not None:
         site = by_name[relevance_site]
         extra += [attention_operand(site, 0, "query"), attention_operand(site, 1, "key")]
