@@ -9,12 +9,13 @@ Contract: three custom ops, registered on first use by ``offload_ops()``:
 - ``hetcache::to_device(host, like) -> Tensor``: a copy of ``host`` on ``like``'s device, started on
   the side stream when the compute stream reaches ``like`` (the partial graph passes the previous
   site's query, so the copy for site j overlaps the attention block j - 1);
-- ``hetcache::wait_copy(x) -> ()``: the compute stream waits for the copy that made ``x``. It is
-  declared to mutate ``x`` so that nothing reading ``x`` can be ordered before it.
+- ``hetcache::ready(x) -> Tensor``: the compute stream waits for the side stream's copies, then
+  copies ``x`` (a device-to-device copy, small beside the attention it feeds): readers of the
+  result cannot run before the wait, however the graph is functionalized or reordered.
 
 Where no stream is involved (tensors already on the host) the ops copy synchronously, so the same
-graphs run, exactly, on a CPU machine. ``fetch(graph, stored, anchor, before)`` and
-``offload(graph, node, before)`` insert the ops into a graph.
+graphs run, exactly, on a CPU machine. ``offload(graph, nodes, before)`` and ``fetch(graph, stored,
+anchor, start_before, use_before)`` insert the ops into a graph.
 """
 
 from __future__ import annotations
@@ -24,8 +25,6 @@ from collections.abc import Sequence
 
 import torch
 import torch.fx as fx
-
-_pending: dict[int, torch.cuda.Event] = {}  # data_ptr of a device copy -> the event its copy recorded
 
 
 @functools.cache
@@ -42,7 +41,7 @@ def wait_for_host_copies(device: torch.device) -> None:
 
 @functools.cache
 def offload_ops() -> tuple:
-    """Register the three ops once; returns ``(to_host, to_device, wait_copy)`` as ``torch.ops`` overloads."""
+    """Register the three ops once; returns ``(to_host, to_device, ready)`` as ``torch.ops`` overloads."""
 
     @torch.library.custom_op("hetcache::to_host", mutates_args=())
     def to_host(x: torch.Tensor) -> torch.Tensor:
@@ -68,27 +67,24 @@ def offload_ops() -> tuple:
         stream.wait_stream(torch.cuda.current_stream(like.device))  # out's memory may still be read there
         with torch.cuda.stream(stream):
             out.copy_(host, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(stream)
         out.record_stream(stream)
-        _pending[out.data_ptr()] = event
         return out
 
     @to_device.register_fake
     def _(host, like):
         return torch.empty(host.shape, dtype=host.dtype, device=like.device)
 
-    @torch.library.custom_op("hetcache::wait_copy", mutates_args=("x",))
-    def wait_copy(x: torch.Tensor) -> None:
-        event = _pending.pop(x.data_ptr(), None)
-        if event is not None:
-            torch.cuda.current_stream(x.device).wait_event(event)
+    @torch.library.custom_op("hetcache::ready", mutates_args=())
+    def ready(x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cuda":  # waits for every copy issued so far: this one, perhaps the next too
+            torch.cuda.current_stream(x.device).wait_stream(side_stream(x.device))
+        return x.clone(memory_format=torch.contiguous_format)
 
-    @wait_copy.register_fake
+    @ready.register_fake
     def _(x):
-        return None
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
 
-    return torch.ops.hetcache.to_host.default, torch.ops.hetcache.to_device.default, torch.ops.hetcache.wait_copy.default
+    return torch.ops.hetcache.to_host.default, torch.ops.hetcache.to_device.default, torch.ops.hetcache.ready.default
 
 
 def offload(graph: fx.Graph, nodes: Sequence[fx.Node], before: fx.Node) -> list[fx.Node]:
@@ -101,13 +97,11 @@ def offload(graph: fx.Graph, nodes: Sequence[fx.Node], before: fx.Node) -> list[
 def fetch(graph: fx.Graph, stored: Sequence[fx.Node], anchor: fx.Node, start_before: fx.Node,
           use_before: fx.Node) -> list[fx.Node]:
     """Copy each host tensor of ``stored`` to ``anchor``'s device: the copies start before
-    ``start_before`` and the compute stream waits for them before ``use_before``. Returns the
-    device tensors' nodes, valid from ``use_before`` on."""
-    _, to_device, wait_copy = offload_ops()
+    ``start_before``; returns nodes, inserted before ``use_before``, of the device tensors once
+    the compute stream has waited for them."""
+    _, to_device, ready = offload_ops()
     with graph.inserting_before(start_before):
         anchor = graph.call_method("detach", (anchor,))
         copies = [graph.call_function(to_device, (node, anchor)) for node in stored]
     with graph.inserting_before(use_before):
-        for copy in copies:
-            graph.call_function(wait_copy, (copy,))
-    return copies
+        return [graph.call_function(ready, (copy,)) for copy in copies]

@@ -63,7 +63,7 @@ def test_partial_steps_fetch_each_site_one_attention_ahead(transformer, inputs):
     [runtime] = hc.runtimes(transformer)
     order = list(runtime.partial.gm.graph.nodes)
     fetches = _variant_nodes(transformer, "partial", "to_device")
-    waits = _variant_nodes(transformer, "partial", "wait_copy")
+    waits = _variant_nodes(transformer, "partial", "ready")
     sites = _sites(runtime, "partial")
     assert len(sites) == 6 and len(fetches) == len(waits) == 2 * len(sites)
     for j, site in enumerate(sites):
@@ -73,7 +73,7 @@ def test_partial_steps_fetch_each_site_one_attention_ahead(transformer, inputs):
             assert started_after < order.index(fetch) < order.index(ahead)  # one attention ahead, no earlier
             assert wait.args[0] is fetch and order.index(wait) < order.index(site)
             assert j == 0 or order.index(ahead) < order.index(wait)  # the attention ahead runs during the copy
-            assert not [u for u in fetch.users if order.index(u) < order.index(wait)]  # nothing reads it early
+            assert list(fetch.users) == [wait]  # nothing reads the copy before the compute stream waited for it
 
 
 def _priced_bytes_per_branch(model, inputs, **options) -> int:
