@@ -258,7 +258,8 @@ def write(scored: list, latency: list, run: dict) -> None:
         "s/clip: median seconds per clip at the benchmark's thread count, timed without the FLOP counter; the "
         f"proxy is tiny ({run['num_tokens']} tokens), so these are dominated by Python and hook overhead, not by FLOPs. hetcache's "
         "column is its aot_eager quality run, which includes recompiling the partial variant for each new |S| "
-        "(counts in the note), so it is not representative of speed; steady-state Inductor timings are below.",
+        "(counts in the note), so it is not representative of speed"
+        + ("; steady-state Inductor timings are below." if latency else " (`--inductor PRESET...` times it)."),
         "Peer notes: FirstBlockCache and MagCache hook `blocks` only and reuse a residual that already holds the "
         "VACE hints, which the model adds again: wrong outputs, kept as results. PAB's CFG defect does not "
         "apply (no CFG). TaylorSeer with its default identifiers hooks nothing on Wan (row says so); the other "
