@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.fx as fx
 
-from .budget import choose_cache_plan, resolve_limit
+from .budget import choose_cache_plan, cuda_devices, resolve_limit
 from .compiled import compile_graph, inner_compiler
 from .config import CACHE_DTYPES, HetCacheConfig, HetCacheOptionsError
 from .instances import CompiledFrom, InstanceTable, instance_position
@@ -149,8 +149,7 @@ def _check_cache_dtype(config: HetCacheConfig, example_inputs: Sequence[object])
     """float8 caches compile to float8 conversions, which CUDA GPUs before compute capability 8.9 lack."""
     if config.cache_dtype != "float8_e4m3fn":
         return
-    devices = {x.device for x in example_inputs if isinstance(x, torch.Tensor) and x.device.type == "cuda"}
-    for device in devices:
+    for device in cuda_devices(example_inputs):
         if torch.cuda.get_device_capability(device) < (8, 9):
             raise HetCacheOptionsError(
                 f"hetcache: cache_dtype='float8_e4m3fn' needs a GPU of compute capability 8.9 or newer; "

@@ -12,7 +12,7 @@ Two decisions, both against the same limit:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -33,12 +33,17 @@ def resolve_limit(option: int | str | None, example_inputs: Sequence[object]) ->
     """The byte limit ``max_cache_bytes`` stands for on the device of ``example_inputs``."""
     if option != "auto":
         return option
-    devices = {x.device for x in example_inputs if isinstance(x, torch.Tensor) and x.device.type == "cuda"}
+    devices = cuda_devices(example_inputs)
     if not devices:
         logger.info("hetcache: max_cache_bytes='auto' bounds CUDA memory only; no bound here")
         return None
     free = min(torch.cuda.mem_get_info(device)[0] for device in devices)
     return int(AUTO_SHARE * free)
+
+
+def cuda_devices(example_inputs: Sequence[object]) -> set[torch.device]:
+    """The CUDA devices the graph's inputs live on (none on a CPU machine)."""
+    return {x.device for x in example_inputs if isinstance(x, torch.Tensor) and x.device.type == "cuda"}
 
 
 @dataclass(frozen=True)
@@ -77,29 +82,45 @@ def choose_cache_plan(build: Callable[[str | None, bool], Variants], example_inp
     model cannot have (keys that are not a short projection) is skipped. Returns ``(variants, plan)``;
     the plan is None when the variants have no partial steps (nothing to cache).
     """
-    fixed = config.cache_dtype is not None or config.recompute_kv or limit is None
-    candidates = [(config.cache_dtype, config.recompute_kv)] if fixed else list(PLAN_ORDER)
-    computed_size, last = None, None
-    for cache_dtype, recompute in candidates:
+    def plan_for(variants: Variants, cache_dtype: str | None, recompute: bool) -> CachePlan:
+        per_branch = branch_peak_bytes(variants, example_inputs, num_outputs, config.reuse_order)
+        return CachePlan(cache_dtype, recompute, per_branch, limit, config.budget_branches,
+                         config.budget_branches * per_branch <= limit, variants.offload)
+
+    if config.cache_dtype is not None or config.recompute_kv or limit is None:
+        variants = build(config.cache_dtype, config.recompute_kv)
+        if variants.partial is None:
+            return variants, None
+        if limit is None:  # priced only when there is a limit to hold it to (fake propagation costs seconds)
+            return variants, CachePlan(config.cache_dtype, config.recompute_kv, None, None, config.budget_branches,
+                                       True, variants.offload)
+        return variants, plan_for(variants, config.cache_dtype, config.recompute_kv)
+    chosen = None
+    for cache_dtype, recompute, variants in buildable_plans(build, PLAN_ORDER, example_inputs, num_outputs):
+        if variants.partial is None:
+            return variants, None
+        chosen = (variants, plan_for(variants, cache_dtype, recompute))
+        if chosen[1].fits:
+            break
+    return chosen
+
+
+def buildable_plans(build: Callable[[str | None, bool], Variants], plans: Sequence[tuple[str | None, bool]],
+                    example_inputs: Sequence[object], num_outputs: int) -> Iterator[tuple[str | None, bool, Variants]]:
+    """``(cache_dtype, recompute, variants)`` for each of ``plans`` (``(cache_dtype, recompute)`` pairs) the
+    model can have, in order: a type no narrower than the model's own is skipped, and so is recomputing
+    where the keys are not a short projection. Variants without partial steps end the walk."""
+    computed_size = None
+    for cache_dtype, recompute in plans:
         if not_narrower(cache_dtype, computed_size):
             continue
         variants = build(cache_dtype, recompute)
+        if variants.partial is None and recompute:
+            continue
+        yield cache_dtype, recompute, variants
         if variants.partial is None:
-            if recompute and not fixed:
-                continue
-            return variants, None
-        per_branch = None if limit is None else branch_peak_bytes(variants, example_inputs, num_outputs,
-                                                                  config.reuse_order)
-        if fixed:  # priced only when there is a limit to hold it to (fake propagation costs seconds)
-            return variants, CachePlan(cache_dtype, recompute, per_branch, limit, config.budget_branches,
-                                       limit is None or config.budget_branches * per_branch <= limit,
-                                       variants.offload)
+            return
         computed_size = computed_size or variants.cache_values(example_inputs, num_outputs)[0].element_size()
-        last = (variants, CachePlan(cache_dtype, recompute, per_branch, limit, config.budget_branches,
-                                    config.budget_branches * per_branch <= limit, variants.offload))
-        if last[1].fits:
-            return last
-    return last
 
 
 def not_narrower(cache_dtype: str | None, computed_size: int | None) -> bool:

@@ -44,9 +44,9 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from .budget import PLAN_ORDER, branch_peak_bytes, not_narrower
+from .budget import PLAN_ORDER, branch_peak_bytes, buildable_plans
 from .config import CACHE_DTYPES, HetCacheConfig
-from .passes import RewriteRefused, analyze, build_variants
+from .passes import RewriteRefused, Variants, analyze, build_variants
 from .passes.graph_utils import output_node
 
 __all__ = ["CachePlanBytes", "cache_memory"]
@@ -81,15 +81,14 @@ def cache_memory(model: torch.nn.Module, inputs: Mapping[str, object], options: 
     if analysis.partial_refused:
         raise RewriteRefused(f"no partial steps, so no key/value caches: {analysis.partial_refused}")
     num_outputs = len(output_node(gm.graph).args[0])
+
+    def build(cache_dtype: str | None, recompute: bool) -> Variants:
+        return build_variants(gm, analysis, example_inputs, relevance_site=config.relevance_site, prune=config.prune,
+                              cache_dtype=CACHE_DTYPES.get(cache_dtype), recompute=recompute)
+
     rows, computed = [], None
-    for cache_dtype, recompute in plans:
-        if not_narrower(cache_dtype, computed and computed.itemsize):
-            continue  # nothing gained over what the model computes
-        variants = build_variants(gm, analysis, example_inputs, relevance_site=config.relevance_site,
-                                  prune=config.prune, cache_dtype=CACHE_DTYPES.get(cache_dtype), recompute=recompute)
+    for cache_dtype, recompute, variants in buildable_plans(build, plans, example_inputs, num_outputs):
         if variants.partial is None:
-            if recompute:
-                continue  # this model's keys are not a short projection: no such plan
             raise RewriteRefused(f"no partial steps, so no key/value caches: {variants.partial_refused}")
         caches = variants.cache_values(example_inputs, num_outputs)
         computed = computed or caches[0].dtype

@@ -37,7 +37,8 @@ class HetCacheStats:
     calls of its graphs (more when graph breaks split the model); ``branches`` has the per-branch
     detail; ``compile_seconds`` maps variant name to the seconds its inner compilation took;
     ``fallback_reasons`` lists why graphs were left to plain Inductor (empty when every graph was
-    rewritten).
+    rewritten); ``cache_bytes`` is what the branches keep on the model's device now, and
+    ``host_cache_bytes`` what they keep in host memory (``cache_device="cpu"``).
     """
 
     steps: dict[str, int] = field(default_factory=_empty_steps)

@@ -6,7 +6,8 @@ into its stored form and returns them: the tensor itself (``dtype=None``), the t
 narrower float type (bfloat16, float16), or for float8 the data and a float32 scale per row of
 the last axis (per token and head: ``scale = amax(|x|) / max_float8``, shaped ``[..., N, 1]``).
 ``decode(graph, stored, dtype, before)`` inserts, before ``before``, the inverse back to the
-compute ``dtype`` and returns its node; Inductor fuses it into the consumer. Every stored tensor
+compute ``dtype`` and returns its node; Inductor fuses it into the consumer. Both are calls of the
+tensor functions ``encode_cache`` / ``decode_cache``, the one definition of the stored form. Every stored tensor
 keeps the token axis at ``-2``, so the runtime may ``index_select`` rows of any of them alike.
 ``names(base)`` gives the placeholder names of one stored cache (``base``, ``base_scale``).
 
@@ -54,48 +55,27 @@ class CacheCodec:
     def names(self, base: str) -> list[str]:
         return [base, f"{base}_scale"] if self.scaled else [base]
 
-    # -- graph rewriting --------------------------------------------------------------------------
+    # -- graph rewriting: the graph calls the tensor functions below ------------------------------
     def encode(self, graph: fx.Graph, node: fx.Node, before: fx.Node) -> list[fx.Node]:
         if self.dtype is None:
             return [node]
         with graph.inserting_before(before):
-            if not self.scaled:
-                return [graph.call_method("to", (node, self.dtype))]
-            value = graph.call_method("float", (node,))
-            amax = graph.call_function(torch.amax, (graph.call_function(torch.abs, (value,)), -1, True))
-            scale = graph.call_function(torch.clamp_min, (
-                graph.call_function(operator.truediv, (amax, torch.finfo(self.dtype).max)), _TINY_SCALE))
-            data = graph.call_method("to", (graph.call_function(operator.truediv, (value, scale)), self.dtype))
-        return [data, scale]
+            stored = graph.call_function(encode_cache, (node, self.dtype))
+            return [graph.call_function(operator.getitem, (stored, i)) for i in range(self.tensors_per_cache)]
 
     def decode(self, graph: fx.Graph, stored: list[fx.Node], dtype: torch.dtype, before: fx.Node) -> fx.Node:
         if self.dtype is None:
             return stored[0]
         with graph.inserting_before(before):
-            if not self.scaled:
-                return graph.call_method("to", (stored[0], dtype))
-            data, scale = stored
-            value = graph.call_function(operator.mul, (graph.call_method("float", (data,)), scale))
-            return graph.call_method("to", (value, dtype))
+            return graph.call_function(decode_cache, (tuple(stored), dtype))
 
     # -- the same on tensors (examples for shape propagation, tests) --------------------------------
     def encode_tensor(self, x: torch.Tensor) -> list[torch.Tensor]:
-        if self.dtype is None:
-            return [x]
-        if not self.scaled:
-            return [x.to(self.dtype)]
-        value = x.float()
-        scale = (value.abs().amax(-1, keepdim=True) / torch.finfo(self.dtype).max).clamp_min(_TINY_SCALE)
-        return [(value / scale).to(self.dtype), scale]
+        return [x] if self.dtype is None else list(encode_cache(x, self.dtype))
 
     def decode_tensor(self, *stored_and_dtype) -> torch.Tensor:
         *stored, dtype = stored_and_dtype
-        if self.dtype is None:
-            return stored[0]
-        if not self.scaled:
-            return stored[0].to(dtype)
-        data, scale = stored
-        return (data.float() * scale).to(dtype)
+        return stored[0] if self.dtype is None else decode_cache(tuple(stored), dtype)
 
     def empty_like(self, value: torch.Tensor, token_rows: int) -> list[torch.Tensor]:
         """Empty stored tensors for a cache shaped like ``value`` with ``token_rows`` rows on axis -2."""
@@ -106,3 +86,20 @@ class CacheCodec:
         if not self.scaled:
             return [data]
         return [data, torch.empty((*shape[:-1], 1), dtype=torch.float32, device=value.device)]
+
+
+def encode_cache(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """``x`` in its stored form: cast to ``dtype``, or for float8 the scaled data and its row scales."""
+    if dtype not in FLOAT8_DTYPES:
+        return (x.to(dtype),)
+    value = x.float()
+    scale = (value.abs().amax(-1, keepdim=True) / torch.finfo(dtype).max).clamp_min(_TINY_SCALE)
+    return (value / scale).to(dtype), scale
+
+
+def decode_cache(stored: tuple[torch.Tensor, ...], dtype: torch.dtype) -> torch.Tensor:
+    """The inverse of ``encode_cache``, back to the compute ``dtype``."""
+    if len(stored) == 1:
+        return stored[0].to(dtype)
+    data, scale = stored
+    return (data.float() * scale).to(dtype)
