@@ -97,6 +97,20 @@ def test_a_budget_below_the_exact_device_plan_keeps_exact_partial_steps_offloade
     assert hc.stats(transformer).branches["cond"].history == ["full", "partial", "reuse", "partial"]
 
 
+def test_a_budget_of_40_percent_of_the_default_plan_keeps_partial_steps_in_both_branches(transformer, inputs):
+    limit = int(0.4 * 2 * _priced_bytes_per_branch(transformer, inputs))  # two CFG branches of the default plan
+    uncond = {"encoder_hidden_states": torch.randn_like(inputs["encoder_hidden_states"])}
+    compiled = compile_hetcache(transformer, schedule="FPRP", **PARTIAL, cache_device="cpu", max_cache_bytes=limit)
+    for step in STEPS:
+        for branch in ({}, uncond):
+            run(compiled, inputs, **step, **branch)
+            assert hc.stats(transformer).cache_bytes <= limit
+    [runtime] = hc.runtimes(transformer)
+    assert runtime.plan.fits and runtime.plan.name == "bfloat16, keys/values recomputed, in host memory"
+    for branch in hc.stats(transformer).branches.values():
+        assert branch.history == ["full", "partial", "reuse", "partial"]
+
+
 def test_cache_device_is_refused_where_it_cannot_apply():
     with pytest.raises(hc.HetCacheOptionsError, match="cache_device"):
         hc.HetCacheConfig.from_options({"cache_device": "cpu", "prune": "attention"})
