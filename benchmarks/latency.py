@@ -25,7 +25,8 @@ measured against the eager output video.
     python benchmarks/latency.py --size wan-1.3b --device cuda --dtype bfloat16   # writes latency_gpu.md
 
 On a GPU every timer synchronizes the device first, and the table adds the peak GPU memory of
-each configuration. ``--configs`` picks configurations and ``--deadline`` skips the ones that
+each configuration. ``--configs`` picks configurations (the cache plans ``recompute``, ``float8``,
+``float8-recompute`` and ``host`` run only when named) and ``--deadline`` skips the ones that
 would start after it; the table is rewritten after each configuration, so a run stopped early
 still leaves its rows (the FLOPs columns are filled at the end).
 """
@@ -83,6 +84,10 @@ SIZES = {
     "wan-1.3b": Size("latency_gpu", None, dict(frames=33, height=480, width=832, text_len=512, text_dim=4096)),
 }
 CONFIG_KEYS = ("eager", "compile", "adaptive", "no-partial", "fixed", "full")
+PLAN_KEYS = ("recompute", "float8", "float8-recompute", "host")  # the cache plans (issue 14): named to run
+PLAN_OPTIONS = {"recompute": {"recompute_kv": True}, "float8": {"cache_dtype": "float8_e4m3fn"},
+                "float8-recompute": {"cache_dtype": "float8_e4m3fn", "recompute_kv": True},
+                "host": {"cache_device": "cpu"}}
 
 LETTER = {"full": "F", "partial": "P", "reuse": "R"}
 
@@ -253,13 +258,18 @@ def flops_reductions(base: torch.nn.Module, input_kwargs: dict, results: list[Re
     sizes = {r.config.name: round(r.token_fraction * tokens) for r in results if r.token_fraction}
     text_len = input_kwargs.get("text_len", inspect.signature(edit_inputs).parameters["text_len"].default)
     counted = variant_flops(config, frames, height, width, list(sizes.values()) or [tokens], text_len=text_len)
+    recomputes = {r.config.name for r in results
+                  if (r.config.options or {}).get("recompute_kv") and r.config.name in sizes}
+    recomputed = (variant_flops(config, frames, height, width, [sizes[name] for name in recomputes],
+                                text_len=text_len, recompute=True) if recomputes else None)
     full_run = 2 * steps * counted.full
     reductions = {}
     for r in results:
         if r.error is not None:
             continue
+        counted_for = recomputed if r.config.name in recomputes else counted
         kinds = r.steps or {"full": 2 * steps, "partial": 0, "reuse": 0}
-        partial = counted.partial.get(sizes.get(r.config.name, tokens), counted.full)
+        partial = counted_for.partial.get(sizes.get(r.config.name, tokens), counted.full)
         probe = counted.probe if r.config.is_hetcache else 0
         run = (kinds["full"] * counted.full + kinds["partial"] * partial
                + kinds["reuse"] * counted.reuse + sum(kinds.values()) * probe)
@@ -278,6 +288,8 @@ def make_configs(inner: str, steps: int, keys: Sequence[str]) -> list[Config]:
         Config("fixed", f"hetcache fixed {fixed}", "hetcache", {"schedule": fixed, "inner_backend": inner}),
         Config("full", "hetcache full", "hetcache", {"schedule": "full", "inner_backend": inner}),
     ]
+    configs += [Config(key, "hetcache adaptive, " + ", ".join(f"{k}={v!r}" for k, v in options.items()), "hetcache",
+                       {**options, "inner_backend": inner}) for key, options in PLAN_OPTIONS.items()]
     return [c for c in configs if c.key in keys]
 
 
@@ -389,7 +401,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                         help="the transformer's dtype (the VAE stays float32, as in diffusers' Wan examples)")
     parser.add_argument("--configs", default=",".join(CONFIG_KEYS),
-                        help=f"comma-separated subset of {', '.join(CONFIG_KEYS)} (default: all, in that order)")
+                        help=f"comma-separated subset of {', '.join(CONFIG_KEYS + PLAN_KEYS)} (default: "
+                             f"{', '.join(CONFIG_KEYS)}, in that order; the cache plans only when named)")
     parser.add_argument("--deadline", type=float, default=None,
                         help="seconds after which no further config starts (those left become 'skipped' rows)")
     parser.add_argument("--name", default=None,
@@ -403,9 +416,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.steps = args.steps or (4 if args.size == "quick" else 20)
     args.repeats = args.repeats or (1 if args.size == "quick" else 3)
     args.configs = [key.strip() for key in args.configs.split(",") if key.strip()]
-    unknown = sorted(set(args.configs) - set(CONFIG_KEYS))
+    unknown = sorted(set(args.configs) - set(CONFIG_KEYS + PLAN_KEYS))
     if unknown:
-        parser.error(f"unknown --configs {unknown}; choose from {', '.join(CONFIG_KEYS)}")
+        parser.error(f"unknown --configs {unknown}; choose from {', '.join(CONFIG_KEYS + PLAN_KEYS)}")
     if args.steps < 2 or args.repeats < 1:
         parser.error("--steps must be >= 2 and --repeats >= 1")
     return args
