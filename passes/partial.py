@@ -1,18 +1,18 @@
 """Build the *partial* variant: compute the selected tokens S, reuse cached rows for the rest.
 
-Contract: ``build_partial_variant(gm, region, token_inputs, sites, codec=CacheCodec(), recompute=False,
-offload=False)`` returns a new GraphModule whose placeholders are ``gm``'s followed by
-``hetcache_index`` (int64 ``[|S|]``, sorted token indices), ``hetcache_exit_cache`` (the region exit of the last computed step, all tokens) and
-``hetcache_k{j}``, ``hetcache_v{j}`` for each self-attention site j: the *context cache*, the
-keys/values of the last full step for the N - |S| tokens outside S, in the layout attention
-reads them, in any order along the token axis, each stored as ``codec`` says (float8: data
-``hetcache_k{j}`` and scale ``hetcache_k{j}_scale``; decoded in the graph). With ``recompute``
-the context cache of site j is instead ``hetcache_x{j}``, the rows outside S of the tensor its
-keys and values are projected from, in the order of ``hetcache_context_index`` (int64
-``[N - |S|]``, placed after the exit cache); the graph recomputes their keys and values with
-the context's token inputs (RoPE) gathered at that index (``recompute.py``). With ``offload``
-the context caches are host tensors, each site's copied to the device while the attention before
-it runs (``offload.py``). It:
+Contract: ``build_partial_variant(gm, region, token_inputs, sites, codec=CacheCodec(),
+recompute=False, offload=False)`` returns a new GraphModule whose placeholders are ``gm``'s followed
+by ``hetcache_index`` (int64 ``[|S|]``, sorted token indices), ``hetcache_exit_cache`` (the region
+exit of the last computed step, all tokens) and ``hetcache_k{j}``, ``hetcache_v{j}`` for each
+self-attention site j: the *context cache*, the keys/values of the last full step for the N - |S|
+tokens outside S, in the layout attention reads them, in any order along the token axis, each stored
+as ``codec`` says (float8: data ``hetcache_k{j}`` and scale ``hetcache_k{j}_scale``; decoded in the
+graph). With ``recompute`` the context cache of site j is instead ``hetcache_x{j}``, the rows
+outside S of the tensor its keys and values are projected from, in the order of
+``hetcache_context_index`` (int64 ``[N - |S|]``, placed after the exit cache); the graph recomputes
+their keys and values with the context's token inputs (RoPE) gathered at that index
+(``recompute.py``). With ``offload`` the context caches are host tensors, each site's copied to the
+device while the attention before it runs (``offload.py``). It:
 
 1. gathers every token input of the region at S (``token_inputs``: name -> token dim);
 2. runs the region on |S| tokens; at each self-attention site the keys and values are the
