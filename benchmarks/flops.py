@@ -103,16 +103,16 @@ def variant_flops(config: dict, frames: int, height: int, width: int, selected: 
     if variants.partial is None:
         raise RuntimeError(f"no partial variant: {variants.partial_refused}")
     full = count(lambda: variants.full(*example_inputs))
-    outputs = variants.record(*example_inputs)
-    residual, exit_cache, *caches = outputs[1:-2]
-    reuse = count(lambda: variants.reuse(*example_inputs, residual))
+    recorded = passes.StepOutputs.of_record(variants.record(*example_inputs), num_outputs=1)
+    reuse = count(lambda: variants.reuse(*example_inputs, recorded.residual))
     probe = count(lambda: variants.probe(*example_inputs))
     partial = {}
     for size in sorted(set(selected)):
         index = torch.arange(size, device="meta")
-        context = [c.narrow(-2, size, c.shape[-2] - size) for c in caches]  # any N - |S| rows
-        rows = [torch.arange(size, exit_cache.shape[1], device="meta")] if recompute else []
-        partial[size] = count(lambda: variants.partial(*example_inputs, index, exit_cache, *rows, *context))
+        context = [c.narrow(-2, size, c.shape[-2] - size) for c in recorded.caches]  # any N - |S| rows
+        rows = torch.arange(size, recorded.exit.shape[1], device="meta")
+        extra = passes.partial_arguments(index, recorded.exit, rows, context, recompute=recompute)
+        partial[size] = count(lambda: variants.partial(*example_inputs, *extra))
     return VariantFlops(full=full, reuse=reuse, probe=probe, partial=partial, num_tokens=analysis.region.num_tokens,
                         grid=analysis.token_grid.grid)
 

@@ -27,7 +27,7 @@ from .fingerprint import FingerprintCache
 from .instances import CompiledFrom, InstanceTable
 from .layout import InputLayout
 from .masks import MaskSource
-from .passes import GraphAnalysis, Variants
+from .passes import GraphAnalysis, StepOutputs, Variants, partial_arguments
 from .passes.offload import wait_for_host_copies
 from .priors import TokenClasses
 from .schedule import StepKind, make_scheduler
@@ -168,21 +168,17 @@ class HetCacheRuntime:
         others = (s.stats.cache_bytes for s in instance.branches.others(state))
         return self.budget.admits(others, instance.say_once)
 
-    def _full_step(self, instance: InstanceState, state: BranchState, args: Sequence[object]) -> list:
-        n = self.layout.num_outputs
+    def _full_step(self, instance: InstanceState, state: BranchState, args: Sequence[object]) -> tuple:
         if not self._records(instance, state):
-            outputs = self.full(*args)
-            state.store(outputs[n], None, [])
-            state.selection = None
-            return outputs[:n]
-        state.site_caches = []  # free the last caches before the new ones are allocated: one set at a time
-        outputs = self.record(*args)
-        residual, exit, *caches, query, key = outputs[n:]
-        state.store(residual, exit, caches, pending_selection=(query, key))
+            step = StepOutputs.of_full(self.full(*args), self.layout.num_outputs)
+        else:
+            state.site_caches = []  # free the last caches before the new ones are allocated: one set at a time
+            step = StepOutputs.of_record(self.record(*args), self.layout.num_outputs)
+        state.store(step.residual, step.exit, step.caches, pending_selection=step.selection_inputs)
         state.selection = None
-        return outputs[:n]
+        return step.model
 
-    def _partial_step(self, state: BranchState, args: Sequence[object]) -> list:
+    def _partial_step(self, state: BranchState, args: Sequence[object]) -> tuple:
         if state.pending_selection is not None:  # chosen lazily: runs that never go partial skip it
             with torch.profiler.record_function("hetcache::select"):
                 query, key = state.pending_selection
@@ -191,17 +187,13 @@ class HetCacheRuntime:
                     state.context = complement(state.selection, state.classes.num_tokens)
                     self._keep_context_rows(state)
             state.pending_selection = None
-        attention_prune = self.config.prune == "attention"
-        if attention_prune:
-            caches = state.site_caches
-        else:  # the recomputed keys take the context's RoPE rows in the order the caches hold them
-            caches = [state.exit, *([state.context] if self.recompute else []), *state.site_caches]
-        outputs = self.partial(*args, state.selection, *caches)
-        n = self.layout.num_outputs
-        residual, exit, *site_caches = outputs[n:]
-        state.store(residual, exit, site_caches if attention_prune else state.site_caches)
+        extra = partial_arguments(state.selection, state.exit, state.context, state.site_caches, self.config.prune,
+                                  self.recompute)
+        step = StepOutputs.of_partial(self.partial(*args, *extra), self.layout.num_outputs)
+        # block pruning keeps the context caches of the last full step; attention pruning returns new ones
+        state.store(step.residual, step.exit, step.caches if self.config.prune == "attention" else state.site_caches)
         state.stats.token_fractions.append(state.selection.numel() / state.classes.num_tokens)
-        return outputs[:n]
+        return step.model
 
     def _keep_context_rows(self, state: BranchState) -> None:
         """Cut the N-row caches down to the context rows, in place, so one N-row cache at a time is copied.

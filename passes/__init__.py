@@ -6,14 +6,15 @@ Installed as ``hetcache_compile.passes``. Entry points: ``analyze`` and ``build_
 
 from .attention import AttentionSite, find_attention_sites
 from .errors import PassFailed, RewriteRefused
-from .partial import build_partial_variant, cache_input_names
+from .partial import build_partial_variant
 from .pipeline import GraphAnalysis, Variants, analyze, build_variants
 from .probe import ModulationSignal, extract_probe, find_modulation
 from .record import build_full_variant
-from .reuse import RESIDUAL_INPUT, build_reuse_variant
+from .reuse import build_reuse_variant
 from .specialize import is_symbolic, specialization_key, specialize_shapes
 from .token_axis import check_token_local, find_token_inputs
 from .token_region import TokenRegion, find_token_region
+from .variant_io import RESIDUAL_INPUT, StepOutputs, partial_arguments, partial_input_names
 
 __all__ = [
     "AttentionSite",
@@ -22,12 +23,12 @@ __all__ = [
     "PassFailed",
     "RESIDUAL_INPUT",
     "RewriteRefused",
+    "StepOutputs",
     "TokenRegion",
     "Variants",
     "analyze",
     "build_full_variant",
     "build_partial_variant",
-    "cache_input_names",
     "check_token_local",
     "find_token_inputs",
     "build_reuse_variant",
@@ -37,6 +38,8 @@ __all__ = [
     "find_modulation",
     "find_token_region",
     "is_symbolic",
+    "partial_arguments",
+    "partial_input_names",
     "specialization_key",
     "specialize_shapes",
 ]

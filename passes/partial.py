@@ -59,27 +59,7 @@ from .offload import fetch
 from .recompute import copy_projection, projection_source
 from .token_axis import GATHER_PREFIX
 from .token_region import TokenRegion
-
-INDEX_INPUT = "hetcache_index"
-EXIT_CACHE_INPUT = "hetcache_exit_cache"
-CONTEXT_INDEX_INPUT = "hetcache_context_index"
-
-
-def cache_input_names(num_sites: int, prune: str = "block", codec: CacheCodec = CacheCodec(),
-                      recompute: bool = False) -> list[str]:
-    """Placeholder names the partial variant adds, in order."""
-    if prune == "attention":
-        return [INDEX_INPUT] + [f"hetcache_a{j}" for j in range(num_sites)]
-    names = [INDEX_INPUT, EXIT_CACHE_INPUT]
-    if recompute:
-        names.append(CONTEXT_INDEX_INPUT)
-        for j in range(num_sites):
-            names += codec.names(f"hetcache_x{j}")
-        return names
-    for j in range(num_sites):
-        names += codec.names(f"hetcache_k{j}") + codec.names(f"hetcache_v{j}")
-    return names
-
+from .variant_io import CONTEXT_INDEX_INPUT, EXIT_CACHE_INPUT, INDEX_INPUT, partial_input_names
 
 def set_attention_operand(node: fx.Node, index: int, name: str, value: fx.Node) -> None:
     if len(node.args) > index:
@@ -96,7 +76,7 @@ def build_partial_variant(gm: fx.GraphModule, region: TokenRegion, token_inputs:
     partial = copy_graph_module(gm)
     graph = partial.graph
     by_name = {n.name: n for n in graph.nodes}
-    inputs = _add_placeholders(graph, cache_input_names(len(sites), codec=codec, recompute=recompute))
+    inputs = _add_placeholders(graph, partial_input_names(len(sites), codec=codec, recompute=recompute))
     index = inputs[INDEX_INPUT]
 
     at_context: dict[fx.Node, fx.Node] = {}  # each gathered token input -> the same input at the context rows
@@ -161,7 +141,7 @@ def build_attention_partial_variant(gm: fx.GraphModule, region: TokenRegion,
     partial = copy_graph_module(gm)
     graph = partial.graph
     by_name = {n.name: n for n in graph.nodes}
-    inputs = _add_placeholders(graph, cache_input_names(len(sites), "attention"))
+    inputs = _add_placeholders(graph, partial_input_names(len(sites), "attention"))
     index = inputs[INDEX_INPUT]
     fresh_caches = []
     for j, site_name in enumerate(sites):

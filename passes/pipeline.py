@@ -19,11 +19,11 @@ from .attention import AttentionSite, attention_operand, find_attention_sites
 from .cache_codec import CacheCodec
 from .errors import PassFailed, RewriteRefused
 from .graph_utils import ancestors, example_value, is_state_placeholder, output_node, placeholders
-from .partial import build_attention_partial_variant, build_partial_variant, cache_input_names
+from .partial import build_attention_partial_variant, build_partial_variant
 from .probe import ModulationSignal, extract_probe, find_modulation, find_timestep_input
 from .recompute import projection_source
 from .record import build_full_variant
-from .reuse import RESIDUAL_INPUT, build_reuse_variant
+from .reuse import build_reuse_variant
 from .token_axis import (
     TokenGrid,
     check_token_local,
@@ -33,6 +33,7 @@ from .token_axis import (
     propagate_fake_shapes,
 )
 from .token_region import TokenRegion, find_token_region
+from .variant_io import RESIDUAL_INPUT, StepOutputs, partial_input_names
 
 logger = logging.getLogger("hetcache_compile")
 
@@ -149,8 +150,7 @@ class Variants:
 
     def cache_values(self, example_inputs: Sequence[object], num_outputs: int) -> list[torch.Tensor]:
         """The per-site caches among ``recorded_values`` (keys and values, scales included)."""
-        count = len(self.cached_sites) * self.caches_per_site
-        return self.recorded_values(example_inputs, num_outputs)[2:2 + count]
+        return list(StepOutputs.of_record(self.recorded_values(example_inputs, num_outputs), 0).caches)
 
 
 def _check_no_symbolic_inputs(example_inputs: Sequence[object]) -> None:
@@ -251,7 +251,7 @@ def build_variants(gm: fx.GraphModule, analysis: GraphAnalysis, example_inputs: 
             recompute, offload = recompute and prune == "block", offload and prune == "block"
             partial_gm = run_pass("partial", _build_checked_partial, gm, analysis, example_inputs, sites, prune,
                                   codec, recompute, offload,
-                                  verify=(gm, expected + cache_input_names(len(sites), prune, codec, recompute)))
+                                  verify=(gm, expected + partial_input_names(len(sites), prune, codec, recompute)))
             record = run_pass("record", build_full_variant, gm, region, sites, relevance.node, prune, codec,
                               recompute, offload, verify=(gm, expected))
         except RewriteRefused as error:

@@ -32,6 +32,7 @@ from .cache_codec import CacheCodec
 from .graph_utils import copy_graph_module, finalize, insert_residual, output_node
 from .offload import offload as offload_to_host
 from .recompute import projection_source
+from .variant_io import record_outputs
 from .token_region import TokenRegion
 
 
@@ -46,11 +47,11 @@ def build_full_variant(gm: fx.GraphModule, region: TokenRegion, sites: Sequence[
     residual.name = "hetcache_residual"
 
     output = output_node(full.graph)
-    extra = [residual, exit_node]
+    caches = []
     for name in sites:
         site = by_name[name]
         if prune == "attention":
-            extra.append(site)
+            caches.append(site)
             continue
         # offloaded caches leave right after their last use, so the device never holds them all
         before = site.next if offload else output
@@ -59,9 +60,10 @@ def build_full_variant(gm: fx.GraphModule, region: TokenRegion, sites: Sequence[
         else:
             cached = [attention_operand(site, 1, "key"), attention_operand(site, 2, "value")]
         stored = [t for operand in cached for t in codec.encode(full.graph, operand, before=before)]
-        extra += offload_to_host(full.graph, stored, before=before) if offload else stored
+        caches += offload_to_host(full.graph, stored, before=before) if offload else stored
+    selection_inputs = []
     if relevance_site is not None:
         site = by_name[relevance_site]
-        extra += [attention_operand(site, 0, "query"), attention_operand(site, 1, "key")]
-    output.args = (tuple(output.args[0]) + tuple(extra),)
+        selection_inputs = [attention_operand(site, 0, "query"), attention_operand(site, 1, "key")]
+    output.args = (tuple(output.args[0]) + record_outputs(residual, exit_node, caches, selection_inputs),)
     return finalize(full)

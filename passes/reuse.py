@@ -15,8 +15,7 @@ import torch.fx as fx
 
 from .graph_utils import copy_graph_module, finalize, placeholders, prune_dead_nodes
 from .token_region import TokenRegion
-
-RESIDUAL_INPUT = "hetcache_residual"
+from .variant_io import RESIDUAL_INPUT
 
 
 def build_reuse_variant(gm: fx.GraphModule, region: TokenRegion) -> fx.GraphModule:

@@ -5,7 +5,7 @@ import operator
 import pytest
 import torch
 import torch.fx as fx
-from hetcache_compile.passes import RewriteRefused, analyze, build_variants
+from hetcache_compile.passes import RewriteRefused, StepOutputs, analyze, build_variants, partial_arguments
 from hetcache_compile.passes.attention import is_attention
 from hetcache_compile.passes.graph_utils import owning_block, prune_dead_nodes
 from models import ToyBlock
@@ -120,13 +120,15 @@ def test_partial_variant_on_any_subset_equals_full_when_inputs_are_unchanged(cap
     gm, example_inputs = captured
     variants = build_variants(gm, analyze(gm, example_inputs), example_inputs)
     expected = gm(*example_inputs)[0]
-    residual, exit_cache, *caches, _query, _key = variants.record(*example_inputs)[1:]
-    assert len(caches) == 2 * 6  # keys and values of the six self-attention sites
+    recorded = StepOutputs.of_record(variants.record(*example_inputs), num_outputs=1)
+    assert len(recorded.caches) == 2 * 6  # keys and values of the six self-attention sites
     for subset in (torch.arange(48), torch.tensor([0, 5, 7, 30, 47])):
         context = complement(subset, 48)
-        out = variants.partial(*example_inputs, subset, exit_cache, *(c.index_select(-2, context) for c in caches))
-        torch.testing.assert_close(out[0], expected, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(out[1], residual, rtol=1e-5, atol=1e-5)
+        caches = [c.index_select(-2, context) for c in recorded.caches]
+        step = StepOutputs.of_partial(variants.partial(*example_inputs, *partial_arguments(
+            subset, recorded.exit, context, caches)), num_outputs=1)
+        torch.testing.assert_close(step.model[0], expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(step.residual, recorded.residual, rtol=1e-5, atol=1e-5)
 
 
 class MixingModel(torch.nn.Module):
