@@ -65,7 +65,8 @@ def partial_arguments(index: object, exit: object, context: object, caches: Sequ
     return [index, exit, *([context] if recompute else []), *caches]
 
 
-def record_outputs(residual: object, exit: object, caches: Sequence[object], selection_inputs: Sequence[object]) -> tuple:
+def record_outputs(residual: object, exit: object, caches: Sequence[object],
+                   selection_inputs: Sequence[object]) -> tuple:
     """The record variant's outputs after the graph's: ``StepOutputs.of_record`` reads them back."""
     return (residual, exit, *caches, *selection_inputs)
 
