@@ -70,8 +70,8 @@ def stats(model: torch.nn.Module) -> HetCacheStats:
 def set_mask(model: torch.nn.Module, mask: torch.Tensor | None) -> None:
     """Give ``model`` the edit mask: the spatial prior for models whose inputs carry none.
 
-    ``mask`` is a token grid ``[F', H', W']`` or a pixel mask video ``[F, H, W]`` (Wan's VAE
-    factors: 4x frames with the first alone, 8x pixels, then the patch), each optionally with a
+    ``mask`` is a token grid ``[F', H', W']`` or a pixel mask video ``[F, H, W]`` (the family's VAE
+    factors, Wan's: 4x frames with the first alone, 8x pixels, then the patch), each optionally with a
     batch dimension first; a value above 0.5 (or True) means *edit this*, in either form, and a
     mask that is not binary gets a warning. It applies to this model only (not to other instances
     of its class) and overrides a mask read from the inputs (VACE's control channels) until
@@ -80,12 +80,13 @@ def set_mask(model: torch.nn.Module, mask: torch.Tensor | None) -> None:
     a resolution the mask does not fit raises the same error.
     """
     target = _unwrap(model)
-    grids = {rt.grid.grid: rt.grid for rt in runtimes(target) if getattr(rt, "grid", None) is not None}
+    grids = {rt.grid.grid: (rt.grid, rt.family.pixel_factors) for rt in runtimes(target)
+             if getattr(rt, "grid", None) is not None}
     if mask is not None and grids:
         errors = []
-        for grid in grids.values():
+        for grid, pixel_factors in grids.values():
             try:
-                mask_to_token_grid(mask, grid.grid, grid.patch)
+                mask_to_token_grid(mask, grid.grid, grid.patch, pixel_factors)
                 break
             except ValueError as error:
                 errors.append(str(error))

@@ -19,11 +19,11 @@ import torch
 
 from torch._dynamo.exc import ShortenTraceback
 
-# Public TeaCache polynomial for Wan2.1 T2V-1.3B on the timestep embedding ("ret_steps" mode):
-# maps the raw relative L1 change of the modulation tensor to an estimate of the output change.
-RESCALE_POLYNOMIALS: dict[str, tuple[float, ...]] = {
-    "wan2.1-1.3b": (-5.21862437e04, 9.23041404e03, -5.28275948e02, 1.36987616e01, -4.99875664e-02),
-}
+from .families import rescale_polynomials
+
+# Published polynomials (the model families', ``families/``) mapping the raw relative L1 change of
+# the modulation tensor to an estimate of the output change, as TeaCache does ("ret_steps" mode).
+RESCALE_POLYNOMIALS: dict[str, tuple[float, ...]] = rescale_polynomials()
 
 INNER_BACKENDS = ("inductor", "aot_eager", "eager")
 # Inductor modes for the variants. The CUDA-graph modes are refused: a replay overwrites its

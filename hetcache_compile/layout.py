@@ -12,7 +12,7 @@ from .fingerprint import FingerprintCache
 from .instances import instance_position
 from .passes import GraphAnalysis
 from .passes.graph_utils import output_node, placeholders
-from .priors import VACE_MASK_CHANNELS
+from .families import ModelFamily
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,8 @@ class InputLayout:
     - ``conditioning``: other user inputs fixed through a run (VACE's control video), and the
       scalar tensors Dynamo made of module attributes (a LoRA adapter's scale): a change starts a
       new run, so nothing computed before it is reused after it;
-    - ``latent`` and ``control``: the 5-D latent video and VACE's ``control_hidden_states``.
+    - ``latent`` and ``control``: the 5-D latent video and the input carrying the edit mask (the
+      family's ``mask_input``: VACE's ``control_hidden_states``).
     """
 
     num_outputs: int
@@ -37,7 +38,8 @@ class InputLayout:
     control: int | None
 
     @classmethod
-    def of(cls, gm: fx.GraphModule, example_inputs: Sequence[object], analysis: GraphAnalysis) -> InputLayout:
+    def of(cls, gm: fx.GraphModule, example_inputs: Sequence[object], analysis: GraphAnalysis,
+           family: ModelFamily) -> InputLayout:
         names = [n.name for n in placeholders(gm.graph)]
         index = {name: i for i, name in enumerate(names)}
         skip = set(analysis.region.stream_sources) | set(analysis.text_inputs) | {analysis.timestep_input}
@@ -50,7 +52,7 @@ class InputLayout:
             conditioning=tuple(index[n] for n in analysis.user_inputs if n not in skip) + _scalar_attributes(
                 names, example_inputs, set(analysis.user_inputs)),
             latent=index[grid.latent_input] if grid is not None else None,
-            control=_vace_control_index(names, example_inputs, grid),
+            control=_mask_input_index(names, example_inputs, grid, family),
         )
 
     def instance_key(self, args: Sequence[object]) -> torch.Tensor | None:
@@ -72,12 +74,14 @@ def _scalar_attributes(names: Sequence[str], example_inputs: Sequence[object], u
                  and not isinstance(value, torch.nn.Parameter) and value.numel() <= 1)
 
 
-def _vace_control_index(names: Sequence[str], example_inputs: Sequence[object], grid) -> int | None:
-    """Position of VACE's ``control_hidden_states`` input (5-D, >= 64 channels, latent-sized), if any."""
-    if grid is None:
+def _mask_input_index(names: Sequence[str], example_inputs: Sequence[object], grid,
+                      family: ModelFamily) -> int | None:
+    """Position of the family's mask-carrying input (5-D, latent-sized, with the mask channels), if any."""
+    spec = family.mask_input
+    if grid is None or spec is None:
         return None
     for i, (name, value) in enumerate(zip(names, example_inputs)):
-        if "control_hidden_states" in name and isinstance(value, torch.Tensor) and value.dim() == 5 \
-                and value.shape[1] >= VACE_MASK_CHANNELS and tuple(value.shape[2:]) == grid.latent_shape[2:]:
+        if spec.input_name in name and isinstance(value, torch.Tensor) and value.dim() == 5 \
+                and value.shape[1] >= spec.channels and tuple(value.shape[2:]) == grid.latent_shape[2:]:
             return i
     return None

@@ -6,23 +6,25 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .families import ModelFamily
 from .layout import InputLayout
 from .passes.token_axis import TokenGrid
-from .priors import USER_MASKS, TokenClasses, classify_tokens, mask_from_vace_control, mask_to_token_grid
+from .priors import USER_MASKS, TokenClasses, classify_tokens, mask_from_channels, mask_to_token_grid
 
 
 class MaskSource:
     """The edit mask of a call: the user's (``set_mask`` on the model the call is for), else the mask
-    channels of VACE's control input, else none (step-level caching only).
+    channels of the family's mask input (VACE's control video), else none (step-level caching only).
 
     ``token_classes(args, say)`` returns G, M, C for the batch (the union of every sample's edit) or
     None when partial steps cannot run; ``say`` reports why once.
     """
 
-    def __init__(self, layout: InputLayout, grid: TokenGrid, margin_radius: float):
+    def __init__(self, layout: InputLayout, grid: TokenGrid, margin_radius: float, family: ModelFamily):
         self.layout = layout
         self.grid = grid
         self.margin_radius = margin_radius
+        self.family = family
 
     def token_classes(self, args: Sequence[object], say: Callable[[str], None]) -> TokenClasses | None:
         mask = self._mask(args)
@@ -42,7 +44,9 @@ class MaskSource:
     def _mask(self, args: Sequence[object]) -> torch.Tensor | None:
         user_mask = USER_MASKS.lookup(self.layout.instance_key(args))
         if user_mask is not None:
-            return mask_to_token_grid(user_mask, self.grid.grid, self.grid.patch)
+            return mask_to_token_grid(user_mask, self.grid.grid, self.grid.patch, self.family.pixel_factors)
         if self.layout.control is not None:
-            return mask_from_vace_control(args[self.layout.control], self.grid.patch)
+            spec = self.family.mask_input
+            return mask_from_channels(args[self.layout.control], spec.channels, self.grid.patch,
+                                      f"the mask channels of '{spec.input_name}'")
         return None

@@ -25,8 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-VACE_MASK_CHANNELS = 64  # 8 x 8 pixels per latent cell, after the 32 latent channels
-PIXEL_FACTORS = (4, 8, 8)  # Wan VAE: temporal, height, width
+WAN_PIXEL_FACTORS = (4, 8, 8)  # Wan's VAE (and most video VAEs'): pixels per latent cell in time, height, width
 EDIT_THRESHOLD = 0.5  # one rule for every mask form: a value above it is edited (WanVACEPipeline's own cut)
 
 
@@ -74,13 +73,12 @@ def classify_tokens(mask: torch.Tensor, radius: float) -> TokenClasses:
                         context=flat(~near))
 
 
-def mask_from_vace_control(control: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:
-    """Token-grid mask ``[B, F', H', W']`` from VACE's ``control_hidden_states`` ``[B, 96, F, H, W]``.
-
-    The last 64 channels hold the pixel mask, 8x8 pixels per latent cell (diffusers'
-    ``WanVACEPipeline.prepare_masks``); a pixel above 0.5 is edited (the pipeline's own cut).
-    """
-    pixels = binarize(control[:, -VACE_MASK_CHANNELS:], "the mask in VACE's control_hidden_states")
+def mask_from_channels(control: torch.Tensor, channels: int, patch: tuple[int, int, int],
+                       what: str = "the mask channels") -> torch.Tensor:
+    """Token-grid mask ``[B, F', H', W']`` from the last ``channels`` channels of a 5-D input
+    ``[B, C, F, H, W]`` holding each latent cell's mask pixels (VACE's control video: 64, 8 x 8 a cell,
+    ``WanVACEPipeline.prepare_masks``); a pixel above 0.5 is edited (the pipeline's own cut)."""
+    pixels = binarize(control[:, -channels:], what)
     latent_cells = pixels.any(dim=1)  # [B, F, H, W]
     return _pool_any(latent_cells, patch)
 
@@ -92,15 +90,18 @@ def _pool_any(cells: torch.Tensor, factors: tuple[int, int, int]) -> torch.Tenso
     return cells.reshape(b, f // pf, pf, h // ph, ph, w // pw, pw).any(dim=(2, 4, 6))
 
 
-def expected_pixel_shape(grid: tuple[int, int, int], patch: tuple[int, int, int]) -> tuple[int, int, int]:
+def expected_pixel_shape(grid: tuple[int, int, int], patch: tuple[int, int, int],
+                         pixel_factors: tuple[int, int, int] = WAN_PIXEL_FACTORS) -> tuple[int, int, int]:
     f, h, w = grid
     latent_frames = f * patch[0]
-    return (PIXEL_FACTORS[0] * (latent_frames - 1) + 1, h * patch[1] * PIXEL_FACTORS[1],
-            w * patch[2] * PIXEL_FACTORS[2])
+    return (pixel_factors[0] * (latent_frames - 1) + 1, h * patch[1] * pixel_factors[1],
+            w * patch[2] * pixel_factors[2])
 
 
-def mask_to_token_grid(mask: torch.Tensor, grid: tuple[int, int, int], patch: tuple[int, int, int]) -> torch.Tensor:
-    """Accept a token-grid mask ``[(B,) F', H', W']`` or a pixel mask video ``[(B,) F, H, W]``.
+def mask_to_token_grid(mask: torch.Tensor, grid: tuple[int, int, int], patch: tuple[int, int, int],
+                       pixel_factors: tuple[int, int, int] = WAN_PIXEL_FACTORS) -> torch.Tensor:
+    """Accept a token-grid mask ``[(B,) F', H', W']`` or a pixel mask video ``[(B,) F, H, W]`` (the
+    VAE's ``pixel_factors`` per latent cell: the first frame alone, then that many frames a cell).
 
     Returns a bool ``[B, F', H', W']``: a value above 0.5 is edited, in either form (a warning says
     so for a mask that is not binary). Raises ``ValueError`` naming both expected grids when the
@@ -113,13 +114,13 @@ def mask_to_token_grid(mask: torch.Tensor, grid: tuple[int, int, int], patch: tu
     spatial = tuple(batched.shape[1:])
     if spatial == tuple(grid):
         return binarize(batched, "the token-grid mask")
-    pixel_shape = expected_pixel_shape(grid, patch)
+    pixel_shape = expected_pixel_shape(grid, patch, pixel_factors)
     if spatial == pixel_shape:
         pixels = binarize(batched, "the pixel mask")
         first, rest = pixels[:, :1], pixels[:, 1:]
-        latent_frames = torch.cat([first, rest.reshape(rest.shape[0], -1, PIXEL_FACTORS[0],
+        latent_frames = torch.cat([first, rest.reshape(rest.shape[0], -1, pixel_factors[0],
                                                        *rest.shape[2:]).any(dim=2)], dim=1)
-        cell = (patch[0], patch[1] * PIXEL_FACTORS[1], patch[2] * PIXEL_FACTORS[2])
+        cell = (patch[0], patch[1] * pixel_factors[1], patch[2] * pixel_factors[2])
         return _pool_any(latent_frames, cell)
     raise ValueError(f"hetcache mask of shape {list(mask.shape)} does not fit this model's input: expected a "
                      f"token grid [F', H', W'] = {list(grid)} or a pixel mask video [F, H, W] = "

@@ -23,6 +23,7 @@ from .branches import BranchState, BranchTable
 from .budget import CacheBudget, CachePlan
 from .compiled import CompiledVariant
 from .config import HetCacheConfig
+from .families import family_of
 from .fingerprint import FingerprintCache
 from .instances import CompiledFrom, InstanceTable
 from .layout import InputLayout
@@ -69,7 +70,8 @@ class HetCacheRuntime:
         self.config = config
         self.analysis = analysis
         self.frame_id = frame_id  # Dynamo's frame: the lowest among a model's graphs counts model calls
-        self.layout = InputLayout.of(gm, example_inputs, analysis)
+        self.family = family_of(gm)
+        self.layout = InputLayout.of(gm, example_inputs, analysis, self.family)
         self.compiled_from = CompiledFrom(example_inputs)
         self.full = CompiledVariant("full", variants.full, config)
         self.record = CompiledVariant("record", variants.record, config) if variants.record is not None else None
@@ -83,7 +85,8 @@ class HetCacheRuntime:
         self.plan = plan
         limit = plan.limit if plan is not None else None
         self.budget = CacheBudget(limit, plan.bytes_per_branch if limit is not None else 0)
-        self.masks = MaskSource(self.layout, analysis.token_grid, config.margin_radius) if self.partial else None
+        self.masks = (MaskSource(self.layout, analysis.token_grid, config.margin_radius, self.family)
+                      if self.partial else None)
         self.relevance_site = variants.relevance_site
         self.grid = analysis.token_grid
         self.probe = variants.probe
@@ -92,7 +95,10 @@ class HetCacheRuntime:
 
     @property
     def report(self) -> str:
-        lines = [self.analysis.report(), f"variants: {', '.join(v.name for v in self.variants())}"]
+        carrier = self.family.mask_input.input_name if self.layout.control is not None else None
+        lines = [f"model family: {self.family.name} (edit mask: "
+                 f"{f'set_mask, else the inputs ({carrier!r})' if carrier else 'set_mask only'})",
+                 self.analysis.report(), f"variants: {', '.join(v.name for v in self.variants())}"]
         if self.partial is not None:
             lines.append(f"  partial: {self.num_caches} per-site caches, relevance at "
                          f"{self.relevance_site.module}, prune={self.config.prune}")

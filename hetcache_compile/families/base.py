@@ -1,0 +1,46 @@
+"""``ModelFamily``: what a model family's graph cannot tell the passes, declared once per family."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+
+
+@dataclass(frozen=True)
+class MaskChannels:
+    """An edit mask carried in the last ``channels`` channels of a 5-D input, each latent cell's
+    ``pixels_per_cell`` (height x width) mask pixels folded into channels (VACE's control video)."""
+
+    input_name: str  # a substring of the graph input's name (Dynamo names it after the forward argument)
+    channels: int
+    pixels_per_cell: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """A model family: which diffusers modules make it, where its edit mask comes from, its VAE's
+    pixels per latent cell (time, height, width: a pixel mask's shape), published coefficients of
+    the adaptive schedule's rescaling (``rescale``, by name)."""
+
+    name: str
+    modules: tuple[str, ...] = ()  # diffusers module names (``transformer_wan``) its graphs are traced from
+    pixel_factors: tuple[int, int, int] = (4, 8, 8)
+    mask_input: MaskChannels | None = None
+    rescale_polynomials: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+
+    def matches(self, gm: fx.GraphModule) -> bool:
+        """Whether ``gm`` was traced from a module of this family."""
+        return bool(self.modules) and any(name in self.modules for name in traced_modules(gm))
+
+
+def traced_modules(gm: fx.GraphModule) -> set[str]:
+    """The (last dotted part of the) Python modules defining the ``nn.Module`` classes ``gm`` was traced through."""
+    found = set()
+    for node in gm.graph.nodes:
+        for _path, module_type in node.meta.get("nn_module_stack", {}).values():
+            # a class, or its qualified name as a string ("package.module.Class")
+            module = module_type.rsplit(".", 1)[0] if isinstance(module_type, str) else module_type.__module__
+            found.add(module.rsplit(".", 1)[-1])
+    return found

@@ -1,0 +1,122 @@
+"""Every model family hetcache knows (``hetcache_compile/families/``), one row each, with tiny random configs.
+
+For each: ``schedule="full"`` equals eager; partial steps with every token selected equal the full
+step; a fixed schedule with a mask runs partial and reuse steps; ``explain()`` names the family.
+"""
+
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from conftest import compile_hetcache
+from models import tiny_vace_transformer, transformer_inputs
+
+import hetcache_compile as hc
+from hetcache_compile.families import FAMILIES, GENERIC, family_of
+
+WAN_TINY = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+                text_dim=32, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+
+
+@dataclass
+class Row:
+    """A model of a family: how to build it, its inputs, whether its inputs carry the mask."""
+
+    family: str
+    build: object
+    mask_in_inputs: bool
+    inputs: dict = field(default_factory=dict)
+
+
+def _wan_text_to_video():
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    return WanTransformer3DModel(**WAN_TINY).eval()
+
+
+def _skyreels_v2():
+    from diffusers import SkyReelsV2Transformer3DModel
+
+    torch.manual_seed(0)
+    return SkyReelsV2Transformer3DModel(**WAN_TINY).eval()
+
+
+def _text_video_inputs():
+    inputs = transformer_inputs()
+    inputs.pop("control_hidden_states")
+    return inputs
+
+
+ROWS = {
+    "WanVACETransformer3DModel": Row("wan", tiny_vace_transformer, True, transformer_inputs()),
+    "WanTransformer3DModel": Row("wan", _wan_text_to_video, False, _text_video_inputs()),
+    "SkyReelsV2Transformer3DModel": Row("wan", _skyreels_v2, False, _text_video_inputs()),
+}
+EDIT = torch.zeros(3, 4, 4, dtype=torch.bool)
+EDIT[:, 1:3, 1:3] = True  # a box in every latent frame of the token grid [3, 4, 4]
+
+
+def _run(model, inputs, **overrides):
+    return model(**{**inputs, **overrides}, return_dict=False)[0]
+
+
+@pytest.fixture(params=list(ROWS), ids=list(ROWS))
+def row(request):
+    row = ROWS[request.param]
+    return row, row.build()
+
+
+def _give_mask(model, row):
+    if not row.mask_in_inputs:
+        hc.set_mask(model, EDIT)
+
+
+def test_full_schedule_equals_eager_and_explain_names_the_family(row):
+    row, model = row
+    compiled = compile_hetcache(model, schedule="full")
+    torch.testing.assert_close(_run(compiled, row.inputs), _run(model, row.inputs), rtol=1e-5, atol=1e-5)
+    report = hc.explain(compiled)
+    assert f"model family: {row.family}" in report
+    assert ("the inputs ('control_hidden_states')" in report) == row.mask_in_inputs
+
+
+def test_partial_step_with_every_token_selected_equals_the_full_step(row):
+    row, model = row
+    _give_mask(model, row)
+    compiled = compile_hetcache(model, schedule="FP", context_ratio=1.0, margin_ratio=1.0)
+    full = _run(compiled, row.inputs)
+    partial = _run(compiled, row.inputs)
+    assert hc.stats(model).branches["cond"].history == ["full", "partial"] and hc.stats(model).token_fraction == 1
+    torch.testing.assert_close(partial, full, rtol=1e-5, atol=1e-5)
+
+
+def test_a_fixed_schedule_with_a_mask_runs_partial_and_reuse_steps(row):
+    row, model = row
+    _give_mask(model, row)
+    compiled = compile_hetcache(model, schedule="FPR", margin_radius=1, context_ratio=0.0, margin_ratio=0.0)
+    for timestep in (900.0, 800.0, 700.0):
+        _run(compiled, row.inputs, timestep=torch.tensor([timestep]))
+    stats = hc.stats(model)
+    assert stats.branches["cond"].history == ["full", "partial", "reuse"]
+    assert 0 < stats.token_fraction < 1 and not stats.fallback_reasons
+
+
+def test_a_model_of_no_listed_family_gets_the_generic_one_and_its_mask_from_set_mask_only():
+    from models import ToyBlock
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([ToyBlock(), ToyBlock()])
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = block(x)
+            return x
+
+    graphs = []
+    torch.compile(Toy(), backend=lambda gm, example_inputs: graphs.append(gm) or gm.forward)(torch.randn(1, 8, 16))
+    assert family_of(graphs[0]) is GENERIC and GENERIC.mask_input is None
+    assert all(family.name != "generic" and family.modules for family in FAMILIES)
