@@ -48,5 +48,5 @@ class MaskSource:
         if self.layout.control is not None:
             spec = self.family.mask_input
             return mask_from_channels(args[self.layout.control], spec.channels, self.grid.patch,
-                                      f"the mask channels of '{spec.input_name}'")
+                                      f"the mask in '{spec.input_name}'")
         return None

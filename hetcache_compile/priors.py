@@ -74,7 +74,7 @@ def classify_tokens(mask: torch.Tensor, radius: float) -> TokenClasses:
 
 
 def mask_from_channels(control: torch.Tensor, channels: int, patch: tuple[int, int, int],
-                       what: str = "the mask channels") -> torch.Tensor:
+                       what: str = "the mask in the input") -> torch.Tensor:
     """Token-grid mask ``[B, F', H', W']`` from the last ``channels`` channels of a 5-D input
     ``[B, C, F, H, W]`` holding each latent cell's mask pixels (VACE's control video: 64, 8 x 8 a cell,
     ``WanVACEPipeline.prepare_masks``); a pixel above 0.5 is edited (the pipeline's own cut)."""
