@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .passes.graph_utils import tensor_bytes
 from .priors import TokenClasses
 from .schedule import StepScheduler
 from .stats import BranchStats
@@ -63,8 +64,8 @@ class BranchState:
         self.residual_timestep = self.last_timestep
         tensors = [residual, *([exit] if exit is not None else []), *(pending_selection or ()),
                    *([self.residual_slope] if self.residual_slope is not None else [])]
-        site_bytes = _bytes(self.site_caches)
-        self.stats.cache_bytes = _bytes(tensors) + (0 if self.caches_on_host else site_bytes)
+        site_bytes = tensor_bytes(self.site_caches)
+        self.stats.cache_bytes = tensor_bytes(tensors) + (0 if self.caches_on_host else site_bytes)
         self.stats.host_cache_bytes = site_bytes if self.caches_on_host else 0
 
     def reuse_residual(self) -> torch.Tensor:
@@ -83,8 +84,6 @@ class BranchState:
         self.residual_slope = (residual - previous) / (t1 - t0)
 
 
-def _bytes(tensors: Sequence[torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _contiguous(tensor: torch.Tensor | None) -> torch.Tensor | None:

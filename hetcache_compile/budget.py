@@ -19,6 +19,8 @@ import torch
 
 from .config import CACHE_DTYPES, HetCacheConfig
 from .passes import Variants
+from .passes.graph_utils import tensor_bytes
+from .passes.variant_io import StepOutputs
 
 logger = logging.getLogger("hetcache_compile")
 
@@ -135,17 +137,13 @@ def branch_peak_bytes(variants: Variants, example_inputs: Sequence[object], num_
     Offloaded caches (``offload``, default ``variants.offload``) count as the two sites' worth a
     partial step has on the device at once."""
     values = variants.recorded_values(example_inputs, num_outputs)
-    total = _bytes(values) + (_bytes(values[:1]) if reuse_order and values else 0)
+    total = tensor_bytes(values) + (tensor_bytes(values[:1]) if reuse_order and values else 0)
     if variants.offload if offload is None else offload:
-        caches = variants.cache_values(example_inputs, num_outputs)
+        caches = StepOutputs.of_record(values, 0).caches
         per_site = variants.caches_per_site
-        largest = max(_bytes(caches[i:i + per_site]) for i in range(0, len(caches), per_site))
-        total += min(2, len(variants.cached_sites)) * largest - _bytes(caches)
+        largest = max(tensor_bytes(caches[i:i + per_site]) for i in range(0, len(caches), per_site))
+        total += min(2, len(variants.cached_sites)) * largest - tensor_bytes(caches)
     return total
-
-
-def _bytes(tensors: Sequence[torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 class CacheBudget:

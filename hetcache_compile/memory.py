@@ -47,7 +47,7 @@ import torch.fx as fx
 from .budget import PLAN_ORDER, branch_peak_bytes, buildable_plans
 from .config import CACHE_DTYPES, HetCacheConfig
 from .passes import RewriteRefused, Variants, analyze, build_variants
-from .passes.graph_utils import output_node
+from .passes.graph_utils import output_node, tensor_bytes
 
 __all__ = ["CachePlanBytes", "cache_memory"]
 
@@ -95,7 +95,7 @@ def cache_memory(model: torch.nn.Module, inputs: Mapping[str, object], options: 
         name = (f"as computed ({str(computed).removeprefix('torch.')})" if cache_dtype is None else cache_dtype)
         peak = functools.partial(branch_peak_bytes, variants, example_inputs, num_outputs, config.reuse_order)
         rows.append(CachePlanBytes(name + (", recomputed" if recompute else ""), cache_dtype, recompute, peak(),
-                                   sum(v.numel() * v.element_size() for v in caches), peak(offload=True),
+                                   tensor_bytes(caches), peak(offload=True),
                                    analysis.region.num_tokens, len(variants.cached_sites)))
     return rows
 

@@ -66,6 +66,11 @@ def tensor_shape(node: fx.Node) -> tuple[int, ...] | None:
     return None
 
 
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes the storage of ``tensors`` takes (real or fake; views counted at their own size)."""
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def is_state_placeholder(node: fx.Node, example: object) -> bool:
     """True for placeholders that carry module parameters or buffers rather than user inputs."""
     if isinstance(example, torch.nn.Parameter):

@@ -137,20 +137,28 @@ class Variants:
     def recorded_values(self, example_inputs: Sequence[object], num_outputs: int) -> list[torch.Tensor]:
         """Fake values of what a record step keeps beyond the model's ``num_outputs`` outputs, for inputs
         shaped like ``example_inputs``: residual, final hidden states, the per-site caches (as stored),
-        relevance query and key. Empty without a record variant. No memory, no compute."""
+        relevance query and key. Empty without a record variant. No memory, no compute; the fake
+        propagation (seconds on a large model) runs once per input shapes."""
         if self.record is None:
             return []
-        propagate_fake_shapes(self.record, example_inputs)
-        outputs = output_node(self.record.graph).args[0]
-        return [node.meta["val"] for node in outputs[num_outputs:] if isinstance(node.meta["val"], torch.Tensor)]
-
-    def recorded_bytes(self, example_inputs: Sequence[object], num_outputs: int) -> int:
-        """Bytes of ``recorded_values``: what one branch holds right after a full step records."""
-        return sum(v.numel() * v.element_size() for v in self.recorded_values(example_inputs, num_outputs))
+        key = (num_outputs, *(_shape_key(value) for value in example_inputs))
+        cached = self.__dict__.setdefault("_recorded_values", {})
+        if key not in cached:
+            propagate_fake_shapes(self.record, example_inputs)
+            outputs = output_node(self.record.graph).args[0]
+            values = [node.meta["val"] for node in outputs[num_outputs:]]
+            cached[key] = [value for value in values if isinstance(value, torch.Tensor)]
+        return cached[key]
 
     def cache_values(self, example_inputs: Sequence[object], num_outputs: int) -> list[torch.Tensor]:
         """The per-site caches among ``recorded_values`` (keys and values, scales included)."""
         return list(StepOutputs.of_record(self.recorded_values(example_inputs, num_outputs), 0).caches)
+
+
+def _shape_key(value: object) -> object:
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape), value.dtype, value.device
+    return type(value)
 
 
 def _check_no_symbolic_inputs(example_inputs: Sequence[object]) -> None:

@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import compile_hetcache, run
+from conftest import compile_hetcache
 from models import ToyBlock
 
 import hetcache_compile as hc
