@@ -19,6 +19,7 @@ import torch.fx as fx
 from .budget import choose_cache_plan, cuda_devices, resolve_limit
 from .compiled import compile_graph, inner_compiler
 from .config import CACHE_DTYPES, HetCacheConfig, HetCacheOptionsError
+from .families import family_of
 from .instances import CompiledFrom, InstanceTable, instance_position
 from .passes import RewriteRefused, Variants, analyze, build_variants, is_symbolic
 from .passes.graph_utils import output_node
@@ -91,7 +92,7 @@ class HetCacheBackend:
     def _rewrite(self, gm: fx.GraphModule, example_inputs: Sequence[object], config: HetCacheConfig, frame_id: int,
                  in_dynamo: bool) -> Callable:
         try:
-            analysis = analyze(gm, example_inputs)
+            analysis = analyze(gm, example_inputs, family_of(gm).hints)
             _check_schedule(config, analysis)
             _check_cache_dtype(config, example_inputs)
             limit = resolve_limit(config.max_cache_bytes, example_inputs)
@@ -127,7 +128,7 @@ def _check_schedule(config: HetCacheConfig, analysis) -> None:
                              "pass options={'schedule': 'FFRF...'} for a fixed schedule")
     skips = config.schedule == "adaptive" or any(letter in config.schedule for letter in "PR")
     if skips and analysis.timestep_input is None:
-        raise RewriteRefused("no timestep input found (a float input of at most 2 dims feeding a sinusoidal "
+        raise RewriteRefused("no timestep input found (a numeric input of at most 2 dims feeding a sinusoidal "
                              "embedding), so calls cannot be told apart as steps of one denoising run and nothing "
                              "may be reused between them")
 

@@ -46,6 +46,7 @@ import torch.fx as fx
 
 from .budget import PLAN_ORDER, branch_peak_bytes, buildable_plans
 from .config import CACHE_DTYPES, HetCacheConfig
+from .families import family_of
 from .passes import RewriteRefused, Variants, analyze, build_variants
 from .passes.graph_utils import output_node, tensor_bytes
 
@@ -77,7 +78,7 @@ def cache_memory(model: torch.nn.Module, inputs: Mapping[str, object], options: 
     ``relevance_site``...). Raises ``RewriteRefused`` if the model has no partial steps to cache for."""
     config = HetCacheConfig.from_options(dict(options or {}, inner_backend="eager"))
     gm, example_inputs = _trace(model, inputs)
-    analysis = analyze(gm, example_inputs)
+    analysis = analyze(gm, example_inputs, family_of(gm).hints)
     if analysis.partial_refused:
         raise RewriteRefused(f"no partial steps, so no key/value caches: {analysis.partial_refused}")
     num_outputs = len(output_node(gm.graph).args[0])

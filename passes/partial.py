@@ -59,6 +59,7 @@ from .offload import fetch
 from .recompute import copy_projection, projection_source
 from .token_axis import GATHER_PREFIX
 from .token_region import TokenRegion
+from .token_sizes import size_tokens_at_run_time
 from .variant_io import CONTEXT_INDEX_INPUT, EXIT_CACHE_INPUT, INDEX_INPUT, partial_input_names
 
 def set_attention_operand(node: fx.Node, index: int, name: str, value: fx.Node) -> None:
@@ -82,7 +83,8 @@ def build_partial_variant(gm: fx.GraphModule, region: TokenRegion, token_inputs:
     at_context: dict[fx.Node, fx.Node] = {}  # each gathered token input -> the same input at the context rows
     for name, dim in token_inputs.items():
         source = by_name[name]
-        with graph.inserting_after(source):
+        # a token table the graph takes as an input is gathered after the added inputs (the index)
+        with graph.inserting_after(placeholders(graph)[-1] if source.op == "placeholder" else source):
             gathered = graph.call_function(torch.index_select, (source, dim, index))
         gathered.name = f"{GATHER_PREFIX}_{name}"
         source.replace_all_uses_with(gathered, delete_user_cb=lambda user: user.name in region.nodes)
@@ -91,6 +93,7 @@ def build_partial_variant(gm: fx.GraphModule, region: TokenRegion, token_inputs:
                 at_context[gathered] = graph.call_function(torch.index_select,
                                                            (source, dim, inputs[CONTEXT_INDEX_INPUT]))
 
+    size_tokens_at_run_time(graph, region)
     site_nodes = [by_name[name] for name in sites]
     for j, site in enumerate(site_nodes):
         _refuse_masked_attention(site)

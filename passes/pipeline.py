@@ -19,6 +19,7 @@ from .attention import AttentionSite, attention_operand, find_attention_sites
 from .cache_codec import CacheCodec
 from .errors import PassFailed, RewriteRefused
 from .graph_utils import ancestors, example_value, is_state_placeholder, output_node, placeholders
+from .hints import GraphHints
 from .partial import build_attention_partial_variant, build_partial_variant
 from .probe import ModulationSignal, extract_probe, find_modulation, find_timestep_input
 from .recompute import projection_source
@@ -27,6 +28,7 @@ from .reuse import build_reuse_variant
 from .token_axis import (
     TokenGrid,
     check_token_local,
+    token_rows,
     find_token_grid,
     find_token_inputs,
     placeholder_examples,
@@ -171,8 +173,9 @@ def _check_no_symbolic_inputs(example_inputs: Sequence[object]) -> None:
             )
 
 
-def analyze(gm: fx.GraphModule, example_inputs: Sequence[object]) -> GraphAnalysis:
-    """Run the analysis passes. Raises ``RewriteRefused`` with a one-line reason."""
+def analyze(gm: fx.GraphModule, example_inputs: Sequence[object], hints: GraphHints = GraphHints()) -> GraphAnalysis:
+    """Run the analysis passes. Raises ``RewriteRefused`` with a one-line reason. ``hints`` classify the
+    inputs the graph's structure cannot (``hints.py``; the model family's)."""
     _check_no_symbolic_inputs(example_inputs)
     nodes = placeholders(gm.graph)
     if len(nodes) != len(example_inputs):
@@ -189,11 +192,11 @@ def analyze(gm: fx.GraphModule, example_inputs: Sequence[object]) -> GraphAnalys
         raise RewriteRefused(f"attention '{outside[0].module}' lies outside the block stack")
     timestep_input = run_pass("timestep", find_timestep_input, gm, user_inputs, region.stream_sources)
     modulation = run_pass("probe", find_modulation, gm, region, user_inputs, timestep_input)
-    text_inputs = _text_inputs(gm, sites, user_inputs, region, timestep_input)
+    text_inputs = _text_inputs(gm, sites, user_inputs, region, timestep_input, hints)
     token_inputs, partial_refused = {}, None
-    token_grid = run_pass("token_grid", find_token_grid, gm, region, user_inputs)
+    token_grid = run_pass("token_grid", find_token_grid, gm, region, user_inputs, hints)
     try:
-        token_inputs = run_pass("token_axis", find_token_inputs, gm, region, user_inputs)
+        token_inputs = run_pass("token_axis", find_token_inputs, gm, region, user_inputs, hints)
         if token_grid is None:
             raise RewriteRefused("no 5-D latent video input cut into a patch grid: the mask cannot be placed")
     except RewriteRefused as refused:
@@ -212,10 +215,12 @@ def analyze(gm: fx.GraphModule, example_inputs: Sequence[object]) -> GraphAnalys
 
 
 def _text_inputs(gm: fx.GraphModule, sites: Sequence[AttentionSite], user_inputs: set[str], region: TokenRegion,
-                 timestep_input: str | None) -> tuple[str, ...]:
+                 timestep_input: str | None, hints: GraphHints) -> tuple[str, ...]:
     """User inputs that tell CFG branches apart: those feeding cross-attention keys or, in models
     whose text joins the self-attention (SD3, Flux), every floating input of at most 3 dims that is
-    neither the timestep nor a source of the token stream (prompt and pooled embeddings)."""
+    neither the timestep nor a source of the token stream (prompt and pooled embeddings); and those
+    ``hints`` name as text."""
+    hinted = {name for name in user_inputs if hints.is_text(name)}
     by_name = {n.name: n for n in gm.graph.nodes}
     keys = [attention_operand(by_name[s.node], 1, "key") for s in sites if s.kind == "cross"]
     if keys:
@@ -224,8 +229,8 @@ def _text_inputs(gm: fx.GraphModule, sites: Sequence[AttentionSite], user_inputs
         found = {n.name for n in placeholders(gm.graph)
                  if n.name in user_inputs and n.name not in region.stream_sources and n.name != timestep_input
                  and isinstance(example_value(n), torch.Tensor) and example_value(n).is_floating_point()
-                 and example_value(n).dim() <= 3}
-    return tuple(n.name for n in placeholders(gm.graph) if n.name in found)
+                 and example_value(n).dim() <= 3 and hints.token_table_dim(n.name) is None}
+    return tuple(n.name for n in placeholders(gm.graph) if n.name in found | hinted)
 
 
 def build_variants(gm: fx.GraphModule, analysis: GraphAnalysis, example_inputs: Sequence[object],
@@ -261,7 +266,7 @@ def build_variants(gm: fx.GraphModule, analysis: GraphAnalysis, example_inputs: 
                                   codec, recompute, offload,
                                   verify=(gm, expected + partial_input_names(len(sites), prune, codec, recompute)))
             record = run_pass("record", build_full_variant, gm, region, sites, relevance.node, prune, codec,
-                              recompute, offload, verify=(gm, expected))
+                              recompute, offload, partial_gm.meta.get(TOKEN_ROWS, {}), verify=(gm, expected))
         except RewriteRefused as error:
             refused = str(error)
             sites, relevance = (), None
@@ -296,6 +301,11 @@ def _build_checked_partial(gm: fx.GraphModule, analysis: GraphAnalysis, example_
             extra.update(zip(names, codec.empty_like(value, tokens - selected)))
         extra[f"hetcache_a{j}"] = _empty_like_meta(site)
     if prune == "attention":
+        joined = [site for site in analysis.self_sites if site.num_queries != tokens]
+        if joined:
+            raise RewriteRefused(f"prune='attention' caches attention outputs of {tokens} token rows, but "
+                                 f"'{joined[0].module}' attends over {joined[0].num_queries} rows (text joined to the "
+                                 "tokens); use prune='block'")
         partial = build_attention_partial_variant(gm, analysis.region, sites)
         propagate_fake_shapes(partial, placeholder_examples(partial, example_inputs, extra))
         return partial  # only attention queries shrink: nothing else can mix tokens
@@ -305,8 +315,19 @@ def _build_checked_partial(gm: fx.GraphModule, analysis: GraphAnalysis, example_
     except Exception as error:  # noqa: BLE001 - a shape error here means a hard-coded token count
         raise RewriteRefused(f"the block stack does not run on a subset of tokens: {type(error).__name__}: "
                              f"{str(error).splitlines()[0][:200]}") from error
-    check_token_local(gm, partial, analysis.region, selected)
+    carries = check_token_local(gm, partial, analysis.region, selected)
+    partial.meta[TOKEN_ROWS] = rows = {}
+    for name in sites:
+        for position, keyword in ((0, "query"), (1, "key")):
+            operand = attention_operand(by_name[name], position, keyword)
+            rows[operand.name] = token_rows(gm.graph, operand, carries, tokens)
+    if recompute and any(extra for _offset, extra in rows.values()):
+        raise RewriteRefused("recompute_kv: the keys attend over text rows joined to the tokens, which a "
+                             "projection of the token rows alone cannot recompute")
     return partial
+
+
+TOKEN_ROWS = "hetcache_token_rows"  # partial.meta: attention operand name -> (offset, extra) of its token rows
 
 
 def _empty_like_meta(node: fx.Node) -> torch.Tensor:

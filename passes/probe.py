@@ -50,7 +50,7 @@ def find_timestep_input(gm: fx.GraphModule, user_inputs: set[str], stream_source
     for node in placeholders(gm.graph):
         value = example_value(node)
         if (node.name in user_inputs and node.name not in stream_sources and node in feeding
-                and isinstance(value, torch.Tensor) and value.dim() <= 2 and value.is_floating_point()):
+                and isinstance(value, torch.Tensor) and value.dim() <= 2 and value.dtype != torch.bool):
             return node.name
     return None
 

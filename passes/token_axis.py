@@ -21,6 +21,7 @@ Contract:
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -39,20 +40,31 @@ from .graph_utils import (
     static_fake_mode,
     tensor_shape,
 )
+from .hints import GraphHints
 from .token_region import TokenRegion
 
 GATHER_PREFIX = "hetcache_gather"
 
 
-def find_token_inputs(gm: fx.GraphModule, region: TokenRegion, user_inputs: set[str]) -> dict[str, int]:
+def find_token_inputs(gm: fx.GraphModule, region: TokenRegion, user_inputs: set[str],
+                      hints: GraphHints = GraphHints()) -> dict[str, int]:
     by_name = {n.name: n for n in gm.graph.nodes}
     video_inputs = {n.name for n in placeholders(gm.graph)
                     if n.name in user_inputs and len(tensor_shape(n) or ()) == 5}
-    token_inputs = {}
+    stream = by_name[region.stream_input]
+    if not any(n.name in video_inputs for n in ancestors([stream], values_only=True) if n.op == "placeholder"):
+        raise RewriteRefused(f"the token stream entering {region.main_stack} is not computed from a 5-D video input")
+    token_inputs = {region.stream_input: 1}  # the stream is [B, N, C] by the region's definition
     for name in region.inputs:
         node = by_name[name]
         shape = tensor_shape(node)
-        if node.op == "placeholder" and name not in user_inputs or shape is None:
+        if name in token_inputs or shape is None or hints.is_text(name):
+            continue
+        hinted = hints.token_table_dim(name) if node.op == "placeholder" else None
+        if hinted is not None and -len(shape) <= hinted < len(shape) and shape[hinted] == region.num_tokens:
+            token_inputs[name] = hinted % len(shape)
+            continue
+        if node.op == "placeholder" and name not in user_inputs:
             continue  # parameters and buffers
         sources = {n.name for n in ancestors([node], values_only=True)
                    if n.op == "placeholder" and n.name in user_inputs}
@@ -61,9 +73,6 @@ def find_token_inputs(gm: fx.GraphModule, region: TokenRegion, user_inputs: set[
         dims = [i for i, size in enumerate(shape) if size == region.num_tokens]
         if dims:
             token_inputs[name] = dims[0]
-    if region.stream_input not in token_inputs:
-        raise RewriteRefused(f"the token stream entering {region.main_stack} has no axis of {region.num_tokens} "
-                             "tokens derived from a 5-D video input")
     return token_inputs
 
 
@@ -77,22 +86,38 @@ class TokenGrid:
     patch: tuple[int, int, int]
 
 
-def find_token_grid(gm: fx.GraphModule, region: TokenRegion, user_inputs: set[str]) -> TokenGrid | None:
-    """The 5-D latent input of the token stream and the patch grid it is cut into, if any."""
+def find_token_grid(gm: fx.GraphModule, region: TokenRegion, user_inputs: set[str],
+                    hints: GraphHints = GraphHints()) -> TokenGrid | None:
+    """The 5-D latent input of the token stream and the patch grid it is cut into, if any.
+
+    The grid is read from the 5-D patchified tensor the stream is computed from (``[B, C, F', H', W']``
+    after a 3-D patch embedding); latents laid out frames first (``hints.frames_first``), patchified
+    frame by frame, get the one patch of 1-2 frames and 1-8 cells whose grid has ``num_tokens``.
+    ``latent_shape`` is always ``[B, C, F, H, W]``."""
     stream = next(n for n in gm.graph.nodes if n.name == region.stream_input)
     found = ancestors([stream])
     latents = [n for n in found if n.op == "placeholder" and n.name in user_inputs
                and len(tensor_shape(n) or ()) == 5]
-    grids = [n for n in found if n.op != "placeholder" and len(tensor_shape(n) or ()) == 5
-             and math.prod(tensor_shape(n)[2:]) == region.num_tokens]
-    if len(latents) != 1 or not grids:
+    if len(latents) != 1:
         return None
     latent_shape = tensor_shape(latents[0])
-    grid = tuple(tensor_shape(grids[0])[2:])
-    if any(size % g for size, g in zip(latent_shape[2:], grid)):
+    if hints.frames_first:
+        batch, frames, channels, height, width = latent_shape
+        latent_shape = (batch, channels, frames, height, width)
+        grids = [tuple(size // p for size, p in zip(latent_shape[2:], patch)) for patch in _FRAME_PATCHES
+                 if all(size % p == 0 for size, p in zip(latent_shape[2:], patch))]
+        grids = [grid for grid in grids if math.prod(grid) == region.num_tokens]
+    else:
+        grids = [tuple(tensor_shape(n)[2:]) for n in found if n.op != "placeholder"
+                 and len(tensor_shape(n) or ()) == 5 and math.prod(tensor_shape(n)[2:]) == region.num_tokens]
+    if not grids or any(size % g for size, g in zip(latent_shape[2:], grids[0])):
         return None
+    grid = grids[0]
     patch = tuple(size // g for size, g in zip(latent_shape[2:], grid))
     return TokenGrid(latent_input=latents[0].name, latent_shape=latent_shape, grid=grid, patch=patch)
+
+
+_FRAME_PATCHES = [(t, p, p) for t in (1, 2) for p in (1, 2, 4, 8)]
 
 
 def propagate_fake_shapes(gm: fx.GraphModule, example_inputs: Sequence[object]) -> None:
@@ -106,33 +131,70 @@ def propagate_fake_shapes(gm: fx.GraphModule, example_inputs: Sequence[object]) 
         FakeTensorProp(gm, mode).propagate(*fakes)
 
 
-def _token_dims(original: tuple[int, ...], new: tuple[int, ...], tokens: int, selected: int) -> set[int]:
+def _token_dims(original: tuple[int, ...], new: tuple[int, ...], tokens: int, selected: int) -> list[int]:
+    """The extra (non-token) rows of each dim that lost exactly the unselected tokens: 0 for a pure
+    token axis, the text rows for a text + image sequence."""
     if len(original) != len(new):
-        return set()
-    return {i for i, (a, b) in enumerate(zip(original, new)) if a == tokens and b == selected}
+        return []
+    return [a - tokens for a, b in zip(original, new) if a >= tokens and a - b == tokens - selected]
+
+
+_ROW_SELECTIONS = {operator.getitem, torch.narrow, "narrow"}
+
+
+def _selects_extra_rows(node: fx.Node, shape: tuple[int, ...], unchanged: bool, extras: set[int]) -> bool:
+    """Whether ``node`` cuts the non-token rows out of a sequence that also holds tokens (CogVideoX's text
+    rows out of its text + video sequence): a row selection whose output, the same in both graphs, has
+    as many rows as the sequence has non-token rows. A reduction over tokens does not pass."""
+    return node.target in _ROW_SELECTIONS and unchanged and any(e > 0 and e in shape for e in extras)
 
 
 def check_token_local(original: fx.GraphModule, rewritten: fx.GraphModule, region: TokenRegion,
-                      num_selected: int) -> None:
+                      num_selected: int) -> dict[str, list[int]]:
+    """Returns, for each region node, the extra rows of its token axes (``_token_dims``; empty when it
+    carries no tokens), for ``token_rows``."""
     tokens = region.num_tokens
     before = {n.name: example_value(n) for n in original.graph.nodes}
-    carries: dict[str, bool] = {}
+    carries: dict[str, list[int]] = {}
     for node in rewritten.graph.nodes:
         if node.name not in region.nodes:
-            carries[node.name] = node.name.startswith(GATHER_PREFIX)
+            carries[node.name] = [0] if node.name.startswith(GATHER_PREFIX) else []
             continue
-        reads_tokens = any(carries.get(arg.name, False) for arg in node.all_input_nodes)
+        extras = {e for arg in node.all_input_nodes for e in carries.get(arg.name, [])}
+        reads_tokens = any(carries.get(arg.name) for arg in node.all_input_nodes)
         value, old = node.meta.get("val"), before.get(node.name)
         if not isinstance(value, torch.Tensor) or not isinstance(old, torch.Tensor):
-            carries[node.name] = reads_tokens  # tuples (chunk, unbind): their items decide
+            carries[node.name] = sorted(extras)  # tuples (chunk, unbind, split): their items decide
             continue
         old_shape, new_shape = tuple(old.shape), tuple(value.shape)
-        carries[node.name] = bool(_token_dims(old_shape, new_shape, tokens, num_selected))
-        if reads_tokens and not carries[node.name]:
+        carries[node.name] = _token_dims(old_shape, new_shape, tokens, num_selected)
+        if (reads_tokens and not carries[node.name]
+                and not _selects_extra_rows(node, old_shape, old_shape == new_shape, extras)):
             raise RewriteRefused(
                 f"{describe(node)} is not token-local: its output {list(old_shape)} loses the token axis, "
                 "so the blocks cannot run on a subset of tokens (partial steps off; full and reuse steps still run)"
             )
+    return carries
+
+
+def token_rows(graph: fx.Graph, operand: fx.Node, carries: dict[str, list[int]], tokens: int) -> tuple[int, int]:
+    """``(offset, extra)``: where the ``tokens`` token rows of attention ``operand`` (``[..., L, D]``)
+    start along L, and how many other rows it has (text joined to the sequence). Follows the operand
+    back to the ``cat`` that joined the token rows to the others; ``carries`` is ``check_token_local``'s."""
+    extra = (tensor_shape(operand) or (0, 0))[-2] - tokens
+    node = operand
+    while extra > 0 and node is not None:
+        if node.target in (torch.cat, torch.concat):
+            parts, dim = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            carrying = [i for i, part in enumerate(parts) if carries.get(part.name)]
+            if len(carrying) == 1:
+                return sum(tensor_shape(part)[dim] for part in parts[:carrying[0]]), extra
+            break
+        node = next((arg for arg in node.all_input_nodes if carries.get(arg.name)), None)
+    if extra > 0:
+        raise RewriteRefused(f"cannot tell where the {tokens} token rows lie among the {tokens + extra} rows of "
+                             f"{describe(operand)} (no single concatenation of token and other rows found)")
+    return 0, 0
 
 
 def placeholder_examples(gm: fx.GraphModule, example_inputs: Sequence[object],

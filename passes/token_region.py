@@ -89,6 +89,8 @@ def find_token_region(gm: fx.GraphModule) -> TokenRegion:
     for node in nodes[start : stop + 1]:
         if owning_block(node) is not None or _depends_on_region(node, region):
             region.add(node)
+    # the last block may go on after the exit on a stream nothing reads (CogVideoX's text stream)
+    region.update(node for node in nodes[stop + 1:] if owning_block(node) is not None and node.op != "placeholder")
 
     for node in region:
         if node is exit_node:

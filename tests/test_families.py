@@ -49,10 +49,41 @@ def _text_video_inputs():
     return inputs
 
 
+COGVIDEOX_TINY = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
+                      text_embed_dim=16, num_layers=2, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
+                      temporal_compression_ratio=4, max_text_seq_length=6)
+
+
+def _cogvideox(**config):
+    def build():
+        from diffusers import CogVideoXTransformer3DModel
+
+        torch.manual_seed(0)
+        return CogVideoXTransformer3DModel(**COGVIDEOX_TINY, **config).eval()
+    return build
+
+
+def _cogvideox_inputs(frames: int = 3, rope: bool = True) -> dict:
+    """CogVideoX's latents are [B, F, C, H, W]; its pipeline computes the RoPE tables."""
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+    torch.manual_seed(1)
+    inputs = dict(hidden_states=torch.randn(1, frames, 4, 8, 8), encoder_hidden_states=torch.randn(1, 6, 16),
+                  timestep=torch.tensor([500]))
+    if rope:
+        inputs["image_rotary_emb"] = get_3d_rotary_pos_embed(16, ((0, 0), (4, 4)), (4, 4), temporal_size=3)
+    return inputs
+
+
 ROWS = {
     "WanVACETransformer3DModel": Row("wan", tiny_vace_transformer, True, transformer_inputs()),
     "WanTransformer3DModel": Row("wan", _wan_text_to_video, False, _text_video_inputs()),
     "SkyReelsV2Transformer3DModel": Row("wan", _skyreels_v2, False, _text_video_inputs()),
+    # 2B: learned positions; 5B: RoPE tables as inputs; 1.5: 2 frames a patch (6 latent frames: a 3-frame grid)
+    "CogVideoX-2b": Row("cogvideox", _cogvideox(), False, _cogvideox_inputs(rope=False)),
+    "CogVideoX-5b": Row("cogvideox", _cogvideox(use_rotary_positional_embeddings=True), False, _cogvideox_inputs()),
+    "CogVideoX1.5-5b": Row("cogvideox", _cogvideox(use_rotary_positional_embeddings=True, patch_size_t=2,
+                                                   patch_bias=False), False, _cogvideox_inputs(frames=6)),
 }
 EDIT = torch.zeros(3, 4, 4, dtype=torch.bool)
 EDIT[:, 1:3, 1:3] = True  # a box in every latent frame of the token grid [3, 4, 4]
@@ -120,3 +151,36 @@ def test_a_model_of_no_listed_family_gets_the_generic_one_and_its_mask_from_set_
     torch.compile(Toy(), backend=lambda gm, example_inputs: graphs.append(gm) or gm.forward)(torch.randn(1, 8, 16))
     assert family_of(graphs[0]) is GENERIC and GENERIC.mask_input is None
     assert all(family.name != "generic" and family.modules for family in FAMILIES)
+
+
+def test_cogvideox_text_rows_are_computed_every_step_and_the_caches_hold_video_rows_only():
+    """CogVideoX attends over 6 text rows joined to its 48 video tokens: only video rows are selected and cached."""
+    from hetcache_compile.memory import cache_memory
+
+    model, inputs = _cogvideox(use_rotary_positional_embeddings=True)(), _cogvideox_inputs()
+    plan = cache_memory(model, inputs)[0]
+    assert plan.num_tokens == 48 and plan.key_value_bytes == 2 * 2 * 48 * 32 * 4  # 2 sites x (K, V) x 48 rows x 32
+
+    hc.set_mask(model, EDIT)
+    compiled = compile_hetcache(model, schedule="FP", margin_radius=0, context_ratio=0.0, margin_ratio=0.0)
+    eager = _run(model, inputs)
+    _run(compiled, inputs)
+    partial = _run(compiled, inputs)
+    assert hc.stats(model).branches["cond"].history == ["full", "partial"]
+    assert hc.stats(model).token_fraction == EDIT.sum() / EDIT.numel()
+    # the same inputs: the selected tokens see the context rows of the full step, which are exact
+    torch.testing.assert_close(partial, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_cogvideox_prompts_tell_cfg_branches_apart():
+    """Its prompt also feeds the token stream (joint patch embedding), yet it keys the CFG branches."""
+    model, inputs = _cogvideox()(), _cogvideox_inputs(rope=False)
+    hc.set_mask(model, EDIT)
+    compiled = compile_hetcache(model, schedule="FP")
+    negative = {**inputs, "encoder_hidden_states": torch.zeros_like(inputs["encoder_hidden_states"])}
+    for timestep in (900.0, 800.0):
+        for prompt in (inputs, negative):
+            _run(compiled, prompt, timestep=torch.tensor([timestep]))
+    histories = [branch.history for branch in hc.stats(model).branches.values()]
+    assert histories == [["full", "partial"], ["full", "partial"]]
+    assert "encoder_hidden_states" in hc.explain(compiled).split("text inputs (branch keys):")[1].splitlines()[0]

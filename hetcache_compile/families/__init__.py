@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from . import wan
+from . import cogvideox, wan
 from .base import MaskChannels, ModelFamily, traced_modules
 
 GENERIC = ModelFamily(name="generic")
-FAMILIES: tuple[ModelFamily, ...] = (wan.FAMILY,)
+FAMILIES: tuple[ModelFamily, ...] = (wan.FAMILY, cogvideox.FAMILY)
 
 
 def family_of(gm: fx.GraphModule) -> ModelFamily:

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import torch.fx as fx
 
+from ..passes.hints import GraphHints
+
 
 @dataclass(frozen=True)
 class MaskChannels:
@@ -29,6 +31,7 @@ class ModelFamily:
     pixel_factors: tuple[int, int, int] = (4, 8, 8)
     mask_input: MaskChannels | None = None
     rescale_polynomials: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+    hints: GraphHints = GraphHints()  # inputs its graphs' structure cannot classify (text, RoPE tables)
 
     def matches(self, gm: fx.GraphModule) -> bool:
         """Whether ``gm`` was traced from a module of this family."""

@@ -1,0 +1,38 @@
+"""``GraphHints``: what a model family tells the analysis passes that its graph cannot.
+
+The passes find the block stack, the attention sites, the timestep and the token axes from the
+graph alone, except where a structural reading is ambiguous. Hints name graph inputs by their
+forward argument (a substring of the placeholder Dynamo names after it, e.g. ``image_rotary_emb``
+in ``l_kwargs_image_rotary_emb_0_``). The family modules of ``hetcache_compile.families`` supply
+them; the passes know nothing of families.
+
+>>> hints = GraphHints(text_inputs=("encoder_hidden_states",), token_tables=(("image_rotary_emb", 0),))
+>>> hints.is_text("l_kwargs_encoder_hidden_states_"), hints.token_table_dim("l_image_rotary_emb_1_")
+(True, 0)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GraphHints:
+    """Inputs a graph's structure cannot classify.
+
+    - ``text_inputs``: prompt embeddings. Never token inputs, always CFG branch keys, even when
+      they also feed the token stream (CogVideoX embeds text and video together, then splits).
+    - ``token_tables``: ``(argument, token dim)`` of inputs with one row per token that come from
+      outside the graph (RoPE tables the pipeline computes): gathered with the tokens.
+    - ``frames_first``: the 5-D latents are ``[B, F, C, H, W]`` (CogVideoX), not ``[B, C, F, H, W]``.
+    """
+
+    text_inputs: tuple[str, ...] = ()
+    token_tables: tuple[tuple[str, int], ...] = ()
+    frames_first: bool = False
+
+    def is_text(self, placeholder: str) -> bool:
+        return any(name in placeholder for name in self.text_inputs)
+
+    def token_table_dim(self, placeholder: str) -> int | None:
+        return next((dim for name, dim in self.token_tables if name in placeholder), None)
