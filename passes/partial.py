@@ -14,9 +14,12 @@ their keys and values with the context's token inputs (RoPE) gathered at that in
 (``recompute.py``). With ``offload`` the context caches are host tensors, each site's copied to the
 device while the attention before it runs (``offload.py``). It:
 
-1. gathers every token input of the region at S (``token_inputs``: name -> token dim);
+1. gathers every token input of the region at S (``token_inputs``: name -> token dim) and reads
+   the token count from the tensors where Dynamo hard-coded it (``token_sizes.py``);
 2. runs the region on |S| tokens; at each self-attention site the keys and values are the
-   context cache followed by the fresh keys/values of S (``cat``), queries are S only;
+   context cache followed by the fresh keys/values of S (``cat``), queries are S only. Where text
+   rows share the attention's sequence (CogVideoX), they are fresh rows too: computed every step,
+   never cached;
 3. scatters the region exit into the cached exit and runs the epilogue on all tokens.
 
 Attention without a mask does not depend on the order of its keys, so appending the fresh rows
