@@ -1,0 +1,173 @@
+"""FLOPs of the default preset on each model family hetcache rewrites, at that family's published size.
+
+Each transformer is built on the ``meta`` device from its published config (no weights), traced by
+Dynamo and rewritten by the hetcache passes with the family's hints; each variant runs on meta
+tensors under ``FlopCounterMode``. The edit is a centred box of 25% of every frame. One CFG run is
+the default preset's step mix over 50 steps (the adaptive schedule driven by the Wan proxy of
+``flops.py``: a randomly initialised time embedder) with two branches, the selection included.
+The same step mix for every family isolates what the partial and reuse steps cost on each
+architecture; the trained models' own schedules would differ.
+
+    python benchmarks/flops_families.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import hetcache_compile.passes as passes  # noqa: E402
+from common import command_line, machine_description, utc_now, write_table  # noqa: E402
+from flops import (  # noqa: E402
+    WAN_VACE_1_3B,
+    VariantFlops,
+    box_mask,
+    count,
+    run_flops,
+    selection_cost,
+    step_kinds,
+)
+
+from hetcache_compile.config import HetCacheConfig  # noqa: E402
+from hetcache_compile.families import family_of  # noqa: E402
+from hetcache_compile.priors import classify_tokens, mask_to_token_grid  # noqa: E402
+from hetcache_compile.selection import budget_size  # noqa: E402
+
+logger = logging.getLogger("benchmarks.flops_families")
+
+COGVIDEOX_5B = dict(  # THUDM/CogVideoX-5b transformer/config.json
+    num_attention_heads=48, attention_head_dim=64, in_channels=16, out_channels=16, time_embed_dim=512,
+    text_embed_dim=4096, num_layers=42, sample_width=90, sample_height=60, sample_frames=49, patch_size=2,
+    temporal_compression_ratio=4, max_text_seq_length=226, use_rotary_positional_embeddings=True,
+    attention_bias=True, flip_sin_to_cos=True, freq_shift=0,
+)
+
+
+@dataclass(frozen=True)
+class FamilyCase:
+    """A model at its published size: how to build it and its inputs on the meta device."""
+
+    model: str
+    size: str  # pixels and frames, as the pipeline's defaults
+    cfg: str  # how its pipeline runs classifier-free guidance
+    mask_source: str
+    frames: int
+    height: int
+    width: int
+    build: Callable[[], tuple[torch.nn.Module, dict]]
+    heads: int
+    head_dim: int
+
+
+def _wan_vace() -> tuple[torch.nn.Module, dict]:
+    from diffusers import WanVACETransformer3DModel
+
+    model = WanVACETransformer3DModel(**WAN_VACE_1_3B)
+    shape = (1, 16, 21, 60, 104)  # 81 frames of 480 x 832
+    return model, dict(hidden_states=torch.empty(shape), timestep=torch.empty(1),
+                       encoder_hidden_states=torch.empty(1, 512, 4096),
+                       control_hidden_states=torch.empty(1, 96, *shape[2:]))
+
+
+def _cogvideox_5b() -> tuple[torch.nn.Module, dict]:
+    from diffusers import CogVideoXTransformer3DModel
+
+    model = CogVideoXTransformer3DModel(**COGVIDEOX_5B)
+    frames, height, width = 13, 60, 90  # 49 frames of 480 x 720
+    tokens = frames * (height // 2) * (width // 2)
+    rope = (torch.empty(tokens, 64), torch.empty(tokens, 64))
+    return model, dict(hidden_states=torch.empty(1, frames, 16, height, width), timestep=torch.empty(1),
+                       encoder_hidden_states=torch.empty(1, 226, 4096), image_rotary_emb=rope)
+
+
+CASES = [
+    FamilyCase("Wan2.1-VACE-1.3B", "480x832, 81 frames", "sequential (cond, uncond)", "control_hidden_states",
+               81, 480, 832, _wan_vace, 12, 128),
+    FamilyCase("CogVideoX-5B", "480x720, 49 frames", "batched (one branch of 2)", "set_mask",
+               49, 480, 720, _cogvideox_5b, 48, 64),
+]
+
+
+def trace(case: FamilyCase):
+    """Dynamo's graph and example inputs of ``case``'s transformer on the meta device."""
+    with torch.device("meta"):
+        model, inputs = case.build()
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append((gm, example_inputs))
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model.eval(), backend=capture, dynamic=False)(**inputs, return_dict=False)
+    return max(graphs, key=lambda item: len(item[0].graph.nodes))
+
+
+def row_for(case: FamilyCase, steps: int) -> list[str]:
+    gm, example_inputs = trace(case)
+    analysis = passes.analyze(gm, example_inputs, family_of(gm).hints)
+    variants = passes.build_variants(gm, analysis, example_inputs)
+    if variants.partial is None:
+        return [case.model, case.size, case.cfg, case.mask_source, "no", variants.partial_refused, "-", "-"]
+    grid, patch = analysis.token_grid.grid, analysis.token_grid.patch
+    num_tokens = analysis.region.num_tokens
+    factors = family_of(gm).pixel_factors
+    token_mask = mask_to_token_grid(box_mask(case.frames, case.height, case.width), grid, patch, factors)[0]
+    config = HetCacheConfig()
+    classes = classify_tokens(token_mask, config.margin_radius)
+    size = budget_size(classes, config.context_ratio, config.margin_ratio, config.size_buckets)
+
+    recorded = passes.StepOutputs.of_record(variants.record(*example_inputs), num_outputs=1)
+    full = count(lambda: variants.full(*example_inputs))
+    index = torch.arange(size, device="meta")
+    context = [c.narrow(-2, size, c.shape[-2] - size) for c in recorded.caches]
+    extra = passes.partial_arguments(index, recorded.exit, None, context)
+    partial = count(lambda: variants.partial(*example_inputs, *extra))
+    reuse = count(lambda: variants.reuse(*example_inputs, recorded.residual))
+    probe = count(lambda: variants.probe(*example_inputs)) if variants.probe is not None else 0
+    flops = VariantFlops(full=full, reuse=reuse, probe=probe, partial={size: partial}, num_tokens=num_tokens, grid=grid)
+    kinds = step_kinds(config, steps)
+    heads = dict(num_attention_heads=case.heads, attention_head_dim=case.head_dim)
+    selection = selection_cost(num_tokens, classes.generative.numel(), classes.context.numel(), heads)
+    baseline = 2 * steps * (full + probe)
+    total = run_flops(flops, kinds, size, selection)
+    return [case.model, case.size, case.cfg, case.mask_source, "yes",
+            f"{num_tokens} tokens, grid {list(grid)}; |S|/N {100 * size / num_tokens:.0f}%; partial/full "
+            f"{partial / full:.2f}", f"{baseline / 1e15:.1f} -> {total / 1e15:.1f}", f"{baseline / total:.2f}x"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=50)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    start = time.time()
+    rows = [row_for(case, args.steps) for case in tqdm(CASES, desc="families")]
+    kinds = step_kinds(HetCacheConfig(), args.steps)
+    columns = ["model", "size", "CFG in its pipeline", "edit mask from", "partial steps", "tokens and partial step",
+               "PFLOPs per video (full -> balanced)", "FLOPs reduction"]
+    header = [
+        f"machine: {machine_description()} (FLOPs do not depend on it)",
+        f"date: {utc_now()}; command: `{command_line()}`; {time.time() - start:.0f} s",
+        "counted with FlopCounterMode on the meta device from each published config (no weights); edit: a centred "
+        "box of 25% of every frame; default preset (balanced)",
+        f"step mix of one branch over {args.steps} steps, the same for every family (the Wan proxy of "
+        f"`flops.py`): `{kinds}`; two branches per step",
+    ]
+    write_table("flops_families", "FLOPs by model family: the default preset at each family's published size",
+                columns, rows, header=header)
+
+
+if __name__ == "__main__":
+    main()
