@@ -137,9 +137,15 @@ def build_partial_variant(gm: fx.GraphModule, region: TokenRegion, token_inputs:
 
 
 def _refuse_masked_attention(site: fx.Node) -> None:
-    if attention_operand(site, 3, "attn_mask") is not None or attention_operand(site, 5, "is_causal"):
-        raise RewriteRefused(f"self-attention '{site.name}' has an attention mask or is causal: the order of its "
-                             "keys matters, so cached keys cannot be reused for a subset of tokens")
+    """Cached keys come first, then the fresh ones: the order changes, so a mask must not depend on it.
+    A key-padding mask (``[..., 1, L]``, HunyuanVideo's for padded text) is kept: it is the same for every
+    query, and the token rows it spans stay where they were (the pass manager checks that they start at 0)."""
+    mask = attention_operand(site, 3, "attn_mask")
+    padding_only = mask is None or (tensor_shape(mask) or (0, 0))[-2:-1] == (1,)
+    if not padding_only or attention_operand(site, 5, "is_causal"):
+        raise RewriteRefused(f"self-attention '{site.name}' has an attention mask over queries and keys or is "
+                             "causal: the order of its keys matters, so cached keys cannot be reused for a subset "
+                             "of tokens")
 
 
 def build_attention_partial_variant(gm: fx.GraphModule, region: TokenRegion,

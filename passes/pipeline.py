@@ -250,7 +250,8 @@ def build_variants(gm: fx.GraphModule, analysis: GraphAnalysis, example_inputs: 
     region = analysis.region
     codec = CacheCodec(cache_dtype if prune == "block" else None)
     refused = analysis.partial_refused if partial else "disabled by the options"
-    sites = tuple(s.node for s in analysis.self_sites) if refused is None else ()
+    # self-attention over the tokens; a text-only one (HunyuanVideo's prompt refiner) runs in full
+    sites = tuple(s.node for s in analysis.self_sites if s.num_queries >= region.num_tokens) if refused is None else ()
     relevance = analysis.resolve_site(relevance_site) if refused is None else None
     full = run_pass("full", build_full_variant, gm, region, verify=(gm, expected))
     record = None
@@ -321,6 +322,11 @@ def _build_checked_partial(gm: fx.GraphModule, analysis: GraphAnalysis, example_
         for position, keyword in ((0, "query"), (1, "key")):
             operand = attention_operand(by_name[name], position, keyword)
             rows[operand.name] = token_rows(gm.graph, operand, carries, tokens)
+    for name in sites:
+        key = attention_operand(by_name[name], 1, "key")
+        if attention_operand(by_name[name], 3, "attn_mask") is not None and rows[key.name][0] != 0:
+            raise RewriteRefused(f"self-attention '{name}' has a key-padding mask and its token rows do not come "
+                                 "first, so the cached rows would not line up with the mask")
     if recompute and any(extra for _offset, extra in rows.values()):
         raise RewriteRefused("recompute_kv: the keys attend over text rows joined to the tokens, which a "
                              "projection of the token rows alone cannot recompute")

@@ -106,10 +106,17 @@ def find_token_region(gm: fx.GraphModule) -> TokenRegion:
     inputs = sorted({a for n in region for a in n.all_input_nodes if a not in region}, key=position.get)
     first_main = f"{main_stack}.{min(stacks[main_stack])}"
     exit_shape = tensor_shape(exit_node)
-    stream_candidates = [
-        a for a in inputs
-        if tensor_shape(a) == exit_shape and any(owning_block(u) == first_main for u in a.users)
-    ]
+    ordered_stacks = sorted(stacks, key=lambda s: min(position[n] for n in block_nodes
+                                                       if split_block_path(owning_block(n))[0] == s))
+    # the stream enters the main stack's first block; or, when that block reads it from an earlier stack
+    # (Flux's and HunyuanVideo's single-stream blocks after their two-stream blocks), the stack before it
+    stream_candidates = []
+    for first in (first_main, *(f"{s}.{min(stacks[s])}" for s in ordered_stacks if s != main_stack)):
+        stream_candidates = [a for a in inputs
+                             if tensor_shape(a) == exit_shape and any(owning_block(u) == first for u in a.users)]
+        if stream_candidates:
+            first_main = first
+            break
     if len(stream_candidates) != 1:
         why = (f"none of its inputs has the stack output's shape {list(exit_shape)} (the blocks change the "
                "sequence, e.g. text tokens joined to image tokens)" if not stream_candidates else
@@ -118,8 +125,6 @@ def find_token_region(gm: fx.GraphModule) -> TokenRegion:
         raise RewriteRefused(f"cannot tell which input of {first_main} is the token stream: {why}; hetcache "
                              "needs one stream of that shape carried from the first block to the last")
 
-    ordered_stacks = sorted(stacks, key=lambda s: min(position[n] for n in block_nodes
-                                                       if split_block_path(owning_block(n))[0] == s))
     return TokenRegion(
         stacks=tuple((s, len(stacks[s])) for s in ordered_stacks),
         main_stack=main_stack,

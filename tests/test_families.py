@@ -75,6 +75,26 @@ def _cogvideox_inputs(frames: int = 3, rope: bool = True) -> dict:
     return inputs
 
 
+def _hunyuan_video():
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    torch.manual_seed(0)
+    return HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=2, num_single_layers=2,
+        num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=16, pooled_projection_dim=8,
+        rope_axes_dim=(2, 4, 4)).eval()
+
+
+def _hunyuan_video_inputs() -> dict:
+    """The prompt's last 2 of 6 rows are padding: the key-padding mask is exercised."""
+    torch.manual_seed(1)
+    padding = torch.ones(1, 6)
+    padding[:, 4:] = 0
+    return dict(hidden_states=torch.randn(1, 4, 3, 8, 8), timestep=torch.tensor([500]),
+                encoder_hidden_states=torch.randn(1, 6, 16), encoder_attention_mask=padding,
+                pooled_projections=torch.randn(1, 8), guidance=torch.tensor([3500.0]))
+
+
 ROWS = {
     "WanVACETransformer3DModel": Row("wan", tiny_vace_transformer, True, transformer_inputs()),
     "WanTransformer3DModel": Row("wan", _wan_text_to_video, False, _text_video_inputs()),
@@ -84,6 +104,7 @@ ROWS = {
     "CogVideoX-5b": Row("cogvideox", _cogvideox(use_rotary_positional_embeddings=True), False, _cogvideox_inputs()),
     "CogVideoX1.5-5b": Row("cogvideox", _cogvideox(use_rotary_positional_embeddings=True, patch_size_t=2,
                                                    patch_bias=False), False, _cogvideox_inputs(frames=6)),
+    "HunyuanVideoTransformer3DModel": Row("hunyuan_video", _hunyuan_video, False, _hunyuan_video_inputs()),
 }
 EDIT = torch.zeros(3, 4, 4, dtype=torch.bool)
 EDIT[:, 1:3, 1:3] = True  # a box in every latent frame of the token grid [3, 4, 4]
@@ -151,6 +172,22 @@ def test_a_model_of_no_listed_family_gets_the_generic_one_and_its_mask_from_set_
     torch.compile(Toy(), backend=lambda gm, example_inputs: graphs.append(gm) or gm.forward)(torch.randn(1, 8, 16))
     assert family_of(graphs[0]) is GENERIC and GENERIC.mask_input is None
     assert all(family.name != "generic" and family.modules for family in FAMILIES)
+
+
+def test_hunyuan_video_caches_video_rows_under_its_padding_mask_and_runs_its_prompt_refiner_in_full():
+    """Video rows first, then 6 prompt rows (2 padded): with the same inputs, a partial step of the generative
+    tokens equals eager, so the cached rows line up with the key-padding mask."""
+    from hetcache_compile.memory import cache_memory
+
+    model, inputs = _hunyuan_video(), _hunyuan_video_inputs()
+    plan = cache_memory(model, inputs)[0]
+    assert plan.cached_sites == 4 and plan.num_tokens == 48  # 2 + 2 blocks; not the refiner's text-only attention
+    hc.set_mask(model, EDIT)
+    compiled = compile_hetcache(model, schedule="FP", margin_radius=0, context_ratio=0.0, margin_ratio=0.0)
+    eager = _run(model, inputs)
+    _run(compiled, inputs)
+    torch.testing.assert_close(_run(compiled, inputs), eager, rtol=1e-4, atol=1e-4)
+    assert hc.stats(model).branches["cond"].history == ["full", "partial"]
 
 
 def test_cogvideox_text_rows_are_computed_every_step_and_the_caches_hold_video_rows_only():
