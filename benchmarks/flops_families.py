@@ -52,6 +52,12 @@ COGVIDEOX_5B = dict(  # THUDM/CogVideoX-5b transformer/config.json
     attention_bias=True, flip_sin_to_cos=True, freq_shift=0,
 )
 
+HUNYUAN_VIDEO = dict(  # hunyuanvideo-community/HunyuanVideo transformer/config.json
+    in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128, num_layers=20,
+    num_single_layers=40, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2, patch_size_t=1, qk_norm="rms_norm",
+    guidance_embeds=True, text_embed_dim=4096, pooled_projection_dim=768, rope_theta=256.0, rope_axes_dim=(16, 56, 56),
+)
+
 
 @dataclass(frozen=True)
 class FamilyCase:
@@ -67,6 +73,7 @@ class FamilyCase:
     build: Callable[[], tuple[torch.nn.Module, dict]]
     heads: int
     head_dim: int
+    branches: int = 2  # transformer samples per step: 2 with CFG (sequential or batched), 1 guidance-distilled
 
 
 def _wan_vace() -> tuple[torch.nn.Module, dict]:
@@ -90,11 +97,23 @@ def _cogvideox_5b() -> tuple[torch.nn.Module, dict]:
                        encoder_hidden_states=torch.empty(1, 226, 4096), image_rotary_emb=rope)
 
 
+def _hunyuan_video() -> tuple[torch.nn.Module, dict]:
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    model = HunyuanVideoTransformer3DModel(**HUNYUAN_VIDEO)
+    shape = (1, 16, 33, 68, 120)  # 129 frames of 544 x 960
+    return model, dict(hidden_states=torch.empty(shape), timestep=torch.empty(1),
+                       encoder_hidden_states=torch.empty(1, 256, 4096), encoder_attention_mask=torch.empty(1, 256),
+                       pooled_projections=torch.empty(1, 768), guidance=torch.empty(1))
+
+
 CASES = [
     FamilyCase("Wan2.1-VACE-1.3B", "480x832, 81 frames", "sequential (cond, uncond)", "control_hidden_states",
                81, 480, 832, _wan_vace, 12, 128),
     FamilyCase("CogVideoX-5B", "480x720, 49 frames", "batched (one branch of 2)", "set_mask",
                49, 480, 720, _cogvideox_5b, 48, 64),
+    FamilyCase("HunyuanVideo", "544x960, 129 frames", "guidance-distilled (one branch); true CFG sequential",
+               "set_mask", 129, 544, 960, _hunyuan_video, 24, 128, branches=1),
 ]
 
 
@@ -140,8 +159,8 @@ def row_for(case: FamilyCase, steps: int) -> list[str]:
     kinds = step_kinds(config, steps)
     heads = dict(num_attention_heads=case.heads, attention_head_dim=case.head_dim)
     selection = selection_cost(num_tokens, classes.generative.numel(), classes.context.numel(), heads)
-    baseline = 2 * steps * (full + probe)
-    total = run_flops(flops, kinds, size, selection)
+    baseline = case.branches * steps * (full + probe)
+    total = run_flops(flops, kinds, size, selection) * case.branches // 2
     return [case.model, case.size, case.cfg, case.mask_source, "yes",
             f"{num_tokens} tokens, grid {list(grid)}; |S|/N {100 * size / num_tokens:.0f}%; partial/full "
             f"{partial / full:.2f}", f"{baseline / 1e15:.1f} -> {total / 1e15:.1f}", f"{baseline / total:.2f}x"]
@@ -163,7 +182,7 @@ def main() -> None:
         "counted with FlopCounterMode on the meta device from each published config (no weights); edit: a centred "
         "box of 25% of every frame; default preset (balanced)",
         f"step mix of one branch over {args.steps} steps, the same for every family (the Wan proxy of "
-        f"`flops.py`): `{kinds}`; two branches per step",
+        f"`flops.py`): `{kinds}`; two branches (CFG) or one (guidance-distilled) per step",
     ]
     write_table("flops_families", "FLOPs by model family: the default preset at each family's published size",
                 columns, rows, header=header)

@@ -56,3 +56,64 @@ def test_cogvideox_pipeline_with_an_edit_mask_runs_partial_and_reuse_steps(cogvi
     assert stats.branches["cond"].history == ["full", "full", "partial", "partial", "reuse", "full"]
     assert stats.token_fraction < 1 and not stats.fallback_reasons
     assert torch.isfinite(video).all() and (video - expected).abs().max() < 0.5
+
+
+def _hunyuan_video_pipeline():
+    from diffusers import (
+        AutoencoderKLHunyuanVideo,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideoPipeline,
+        HunyuanVideoTransformer3DModel,
+    )
+
+    torch.manual_seed(0)
+    transformer = HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=2, num_single_layers=2,
+        num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=16, pooled_projection_dim=8,
+        rope_axes_dim=(2, 4, 4)).eval()
+    vae = AutoencoderKLHunyuanVideo(
+        in_channels=3, out_channels=3, latent_channels=4, down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+        up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+        norm_num_groups=4, spatial_compression_ratio=8, temporal_compression_ratio=4,
+        mid_block_add_attention=False).eval()
+    return HunyuanVideoPipeline(text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                                transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0))
+
+
+def _generate_hunyuan_video(pipe, steps: int = 6) -> torch.Tensor:
+    """True CFG: the pipeline calls the transformer for the prompt, then for the negative prompt."""
+    generator = torch.Generator().manual_seed(0)
+    embeds, pooled = torch.randn(2, 6, 16, generator=generator), torch.randn(2, 8, generator=generator)
+    padding = torch.ones(2, 6)
+    padding[:, 4:] = 0
+    return pipe(prompt_embeds=embeds[:1], pooled_prompt_embeds=pooled[:1], prompt_attention_mask=padding[:1],
+                negative_prompt_embeds=embeds[1:], negative_pooled_prompt_embeds=pooled[1:],
+                negative_prompt_attention_mask=padding[1:], true_cfg_scale=2.0, height=64, width=64, num_frames=9,
+                num_inference_steps=steps, output_type="pt", generator=generator).frames
+
+
+@pytest.fixture
+def hunyuan_video():
+    pipe = _hunyuan_video_pipeline()
+    return pipe, _generate_hunyuan_video(pipe)
+
+
+def test_hunyuan_video_pipeline_full_schedule_matches_the_uncompiled_pipeline(hunyuan_video):
+    pipe, expected = hunyuan_video
+    pipe.transformer = compile_hetcache(pipe.transformer, schedule="full")
+    torch.testing.assert_close(_generate_hunyuan_video(pipe), expected, rtol=1e-4, atol=1e-4)
+    assert {name: branch.steps["full"] for name, branch in hc.stats(pipe.transformer).branches.items()} == {
+        "cond": 6, "uncond": 6}
+
+
+def test_hunyuan_video_pipeline_with_an_edit_mask_runs_partial_and_reuse_steps_in_both_branches(hunyuan_video):
+    pipe, expected = hunyuan_video
+    edit = torch.zeros(3, 4, 4, dtype=torch.bool)
+    edit[:, 1:3, 1:3] = True
+    hc.set_mask(pipe.transformer, edit)
+    pipe.transformer = compile_hetcache(pipe.transformer, schedule="FFPPRF")
+    video = _generate_hunyuan_video(pipe)
+    stats = hc.stats(pipe.transformer)
+    for name in ("cond", "uncond"):
+        assert stats.branches[name].history == ["full", "full", "partial", "partial", "reuse", "full"]
+    assert torch.isfinite(video).all() and (video - expected).abs().max() < 0.5
