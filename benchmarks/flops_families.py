@@ -58,6 +58,12 @@ HUNYUAN_VIDEO = dict(  # hunyuanvideo-community/HunyuanVideo transformer/config.
     guidance_embeds=True, text_embed_dim=4096, pooled_projection_dim=768, rope_theta=256.0, rope_axes_dim=(16, 56, 56),
 )
 
+LTX_VIDEO = dict(  # Lightricks/LTX-Video transformer/config.json (0.9.x)
+    in_channels=128, out_channels=128, patch_size=1, patch_size_t=1, num_attention_heads=32, attention_head_dim=64,
+    cross_attention_dim=2048, num_layers=28, qk_norm="rms_norm_across_heads", norm_elementwise_affine=False,
+    norm_eps=1e-6, caption_channels=4096, attention_bias=True, attention_out_bias=True,
+)
+
 
 @dataclass(frozen=True)
 class FamilyCase:
@@ -74,6 +80,7 @@ class FamilyCase:
     heads: int
     head_dim: int
     branches: int = 2  # transformer samples per step: 2 with CFG (sequential or batched), 1 guidance-distilled
+    packed_grid: tuple[int, int, int] | None = None  # latent cells of packed latents (the graph has no grid)
 
 
 def _wan_vace() -> tuple[torch.nn.Module, dict]:
@@ -107,6 +114,16 @@ def _hunyuan_video() -> tuple[torch.nn.Module, dict]:
                        pooled_projections=torch.empty(1, 768), guidance=torch.empty(1))
 
 
+def _ltx_video() -> tuple[torch.nn.Module, dict]:
+    from diffusers import LTXVideoTransformer3DModel
+
+    model = LTXVideoTransformer3DModel(**LTX_VIDEO)
+    frames, height, width = 21, 16, 22  # 161 frames of 512 x 704, packed one latent cell a token
+    return model, dict(hidden_states=torch.empty(1, frames * height * width, 128), timestep=torch.empty(1),
+                       encoder_hidden_states=torch.empty(1, 128, 4096), encoder_attention_mask=torch.empty(1, 128),
+                       num_frames=frames, height=height, width=width)
+
+
 CASES = [
     FamilyCase("Wan2.1-VACE-1.3B", "480x832, 81 frames", "sequential (cond, uncond)", "control_hidden_states",
                81, 480, 832, _wan_vace, 12, 128),
@@ -114,6 +131,8 @@ CASES = [
                49, 480, 720, _cogvideox_5b, 48, 64),
     FamilyCase("HunyuanVideo", "544x960, 129 frames", "guidance-distilled (one branch); true CFG sequential",
                "set_mask", 129, 544, 960, _hunyuan_video, 24, 128, branches=1),
+    FamilyCase("LTX-Video 0.9", "512x704, 161 frames", "batched (one branch of 2)", "set_mask (token grid)",
+               161, 512, 704, _ltx_video, 32, 64, packed_grid=(21, 16, 22)),
 ]
 
 
@@ -140,6 +159,8 @@ def row_for(case: FamilyCase, steps: int) -> list[str]:
     if variants.partial is None:
         return [case.model, case.size, case.cfg, case.mask_source, "no", variants.partial_refused, "-", "-"]
     grid, patch = analysis.token_grid.grid, analysis.token_grid.patch
+    if analysis.token_grid.packed:
+        grid, patch = case.packed_grid, (1, 1, 1)
     num_tokens = analysis.region.num_tokens
     factors = family_of(gm).pixel_factors
     token_mask = mask_to_token_grid(box_mask(case.frames, case.height, case.width), grid, patch, factors)[0]

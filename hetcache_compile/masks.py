@@ -9,7 +9,14 @@ import torch
 from .families import ModelFamily
 from .layout import InputLayout
 from .passes.token_axis import TokenGrid
-from .priors import USER_MASKS, TokenClasses, classify_tokens, mask_from_channels, mask_to_token_grid
+from .priors import (
+    USER_MASKS,
+    TokenClasses,
+    classify_tokens,
+    mask_from_channels,
+    mask_to_packed_tokens,
+    mask_to_token_grid,
+)
 
 
 class MaskSource:
@@ -43,6 +50,8 @@ class MaskSource:
 
     def _mask(self, args: Sequence[object]) -> torch.Tensor | None:
         user_mask = USER_MASKS.lookup(self.layout.instance_key(args))
+        if user_mask is not None and self.grid.packed:
+            return mask_to_packed_tokens(user_mask, self.grid.num_tokens)
         if user_mask is not None:
             return mask_to_token_grid(user_mask, self.grid.grid, self.grid.patch, self.family.pixel_factors)
         if self.layout.control is not None:

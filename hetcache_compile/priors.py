@@ -127,6 +127,20 @@ def mask_to_token_grid(mask: torch.Tensor, grid: tuple[int, int, int], patch: tu
                      f"{list(pixel_shape)} (optionally with a batch dimension first)")
 
 
+def mask_to_packed_tokens(mask: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """For models whose latents come packed (``[B, N, C]``, no grid in the graph): accept a token-grid mask
+    ``[(B,) F', H', W']`` of ``num_tokens`` tokens in the order the model packs them (frames, rows, columns).
+    Returns a bool ``[B, F', H', W']``; raises ``ValueError`` for any other size."""
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        mask = mask.unsqueeze(0)  # an image: one frame
+    if not isinstance(mask, torch.Tensor) or mask.dim() not in (3, 4) or math.prod(mask.shape[-3:]) != num_tokens:
+        raise ValueError(f"hetcache mask of shape {list(getattr(mask, 'shape', []))} does not fit this model's input: "
+                         f"its latents come packed, {num_tokens} tokens in a row, so the mask must be a token grid "
+                         f"[F', H', W'] (or [H', W'] for an image) of {num_tokens} tokens, in the order the "
+                         "pipeline packs them, optionally with a batch dimension first")
+    return binarize(mask if mask.dim() == 4 else mask.unsqueeze(0), "the token-grid mask")
+
+
 class MaskStore:
     """Masks set with ``hetcache_compile.set_mask``, per model, found by parameter identity."""
 

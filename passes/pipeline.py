@@ -102,8 +102,9 @@ class GraphAnalysis:
         else:
             axes = ", ".join(f"{name}[dim {dim}]" for name, dim in self.token_inputs.items())
             g = self.token_grid
-            lines.append(f"partial steps: token grid {list(g.grid)} of patch {list(g.patch)} over "
-                         f"'{g.latent_input}'; token inputs {axes}")
+            where = (f"packed latents '{g.latent_input}' (mask: a token grid of {g.num_tokens} from set_mask)"
+                     if g.packed else f"token grid {list(g.grid)} of patch {list(g.patch)} over '{g.latent_input}'")
+            lines.append(f"partial steps: {where}; token inputs {axes}")
         return "\n".join(lines)
 
     def _activation_inputs(self) -> list[str]:
@@ -186,7 +187,7 @@ def analyze(gm: fx.GraphModule, example_inputs: Sequence[object], hints: GraphHi
     if not any(site.kind == "self" for site in sites):
         raise RewriteRefused("no self-attention found in the graph (scaled_dot_product_attention whose keys come "
                              "from the inputs its queries come from); hetcache rewrites transformer block stacks")
-    region = run_pass("token_region", find_token_region, gm)
+    region = run_pass("token_region", find_token_region, gm, user_inputs)
     outside = [s for s in sites if s.node not in region.nodes]
     if outside:
         raise RewriteRefused(f"attention '{outside[0].module}' lies outside the block stack")

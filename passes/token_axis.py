@@ -52,8 +52,10 @@ def find_token_inputs(gm: fx.GraphModule, region: TokenRegion, user_inputs: set[
     video_inputs = {n.name for n in placeholders(gm.graph)
                     if n.name in user_inputs and len(tensor_shape(n) or ()) == 5}
     stream = by_name[region.stream_input]
-    if not any(n.name in video_inputs for n in ancestors([stream], values_only=True) if n.op == "placeholder"):
-        raise RewriteRefused(f"the token stream entering {region.main_stack} is not computed from a 5-D video input")
+    if not any(n.name in video_inputs or _is_packed_latent(n, user_inputs, region.num_tokens)
+               for n in ancestors([stream], values_only=True) if n.op == "placeholder"):
+        raise RewriteRefused(f"the token stream entering {region.main_stack} is computed from neither a 5-D video "
+                             f"input nor packed latents [B, {region.num_tokens}, C]")
     token_inputs = {region.stream_input: 1}  # the stream is [B, N, C] by the region's definition
     for name in region.inputs:
         node = by_name[name]
@@ -78,12 +80,20 @@ def find_token_inputs(gm: fx.GraphModule, region: TokenRegion, user_inputs: set[
 
 @dataclass(frozen=True)
 class TokenGrid:
-    """How tokens tile the latent video: ``grid`` = (F', H', W') tokens of ``patch`` latent cells."""
+    """How tokens tile the latent video: ``grid`` = (F', H', W') tokens of ``patch`` latent cells.
+
+    Latents that come packed, one row per token (``[B, N, C]``: LTX-Video), have no grid in the graph:
+    ``grid`` and ``patch`` are None and the edit mask must be given as a token grid of ``num_tokens``."""
 
     latent_input: str
     latent_shape: tuple[int, ...]
-    grid: tuple[int, int, int]
-    patch: tuple[int, int, int]
+    grid: tuple[int, int, int] | None
+    patch: tuple[int, int, int] | None
+    num_tokens: int = 0
+
+    @property
+    def packed(self) -> bool:
+        return self.grid is None
 
 
 def find_token_grid(gm: fx.GraphModule, region: TokenRegion, user_inputs: set[str],
@@ -98,6 +108,9 @@ def find_token_grid(gm: fx.GraphModule, region: TokenRegion, user_inputs: set[st
     found = ancestors([stream])
     latents = [n for n in found if n.op == "placeholder" and n.name in user_inputs
                and len(tensor_shape(n) or ()) == 5]
+    packed = [n for n in found if n.op == "placeholder" and _is_packed_latent(n, user_inputs, region.num_tokens)]
+    if not latents and len(packed) == 1:
+        return TokenGrid(packed[0].name, tensor_shape(packed[0]), None, None, region.num_tokens)
     if len(latents) != 1:
         return None
     latent_shape = tensor_shape(latents[0])
@@ -114,7 +127,14 @@ def find_token_grid(gm: fx.GraphModule, region: TokenRegion, user_inputs: set[st
         return None
     grid = grids[0]
     patch = tuple(size // g for size, g in zip(latent_shape[2:], grid))
-    return TokenGrid(latent_input=latents[0].name, latent_shape=latent_shape, grid=grid, patch=patch)
+    return TokenGrid(latent_input=latents[0].name, latent_shape=latent_shape, grid=grid, patch=patch,
+                     num_tokens=region.num_tokens)
+
+
+def _is_packed_latent(node: fx.Node, user_inputs: set[str], num_tokens: int) -> bool:
+    """A user input of one row per token, ``[B, N, C]`` (LTX-Video's packed latents)."""
+    shape = tensor_shape(node)
+    return node.name in user_inputs and shape is not None and len(shape) == 3 and shape[1] == num_tokens
 
 
 _FRAME_PATCHES = [(t, p, p) for t in (1, 2) for p in (1, 2, 4, 8)]

@@ -69,7 +69,7 @@ def _depends_on_region(node: fx.Node, region: set[fx.Node]) -> bool:
     return any(arg in region for arg in node.all_input_nodes)
 
 
-def find_token_region(gm: fx.GraphModule) -> TokenRegion:
+def find_token_region(gm: fx.GraphModule, user_inputs: set[str] | None = None) -> TokenRegion:
     nodes = list(gm.graph.nodes)
     position = {n: i for i, n in enumerate(nodes)}
     block_nodes = [n for n in nodes if owning_block(n) is not None and n.op != "placeholder"]
@@ -114,6 +114,10 @@ def find_token_region(gm: fx.GraphModule) -> TokenRegion:
     for first in (first_main, *(f"{s}.{min(stacks[s])}" for s in ordered_stacks if s != main_stack)):
         stream_candidates = [a for a in inputs
                              if tensor_shape(a) == exit_shape and any(owning_block(u) == first for u in a.users)]
+        if len(stream_candidates) > 1 and user_inputs is not None:
+            # tables shaped like the stream but computed from no input (LTX's RoPE) are not the stream
+            stream_candidates = [a for a in stream_candidates if any(
+                n.op == "placeholder" and n.name in user_inputs for n in ancestors([a], values_only=True))]
         if stream_candidates:
             first_main = first
             break

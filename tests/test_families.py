@@ -95,6 +95,22 @@ def _hunyuan_video_inputs() -> dict:
                 pooled_projections=torch.randn(1, 8), guidance=torch.tensor([3500.0]))
 
 
+def _ltx_video():
+    from diffusers import LTXVideoTransformer3DModel
+
+    torch.manual_seed(0)
+    return LTXVideoTransformer3DModel(in_channels=8, out_channels=8, patch_size=1, patch_size_t=1,
+                                      num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+                                      num_layers=2, caption_channels=16).eval()
+
+
+def _ltx_video_inputs() -> dict:
+    """Packed latents: 3 x 4 x 4 latent cells, one row each."""
+    torch.manual_seed(1)
+    return dict(hidden_states=torch.randn(1, 3 * 4 * 4, 8), encoder_hidden_states=torch.randn(1, 5, 16),
+                timestep=torch.tensor([500]), encoder_attention_mask=torch.ones(1, 5), num_frames=3, height=4, width=4)
+
+
 ROWS = {
     "WanVACETransformer3DModel": Row("wan", tiny_vace_transformer, True, transformer_inputs()),
     "WanTransformer3DModel": Row("wan", _wan_text_to_video, False, _text_video_inputs()),
@@ -105,6 +121,7 @@ ROWS = {
     "CogVideoX1.5-5b": Row("cogvideox", _cogvideox(use_rotary_positional_embeddings=True, patch_size_t=2,
                                                    patch_bias=False), False, _cogvideox_inputs(frames=6)),
     "HunyuanVideoTransformer3DModel": Row("hunyuan_video", _hunyuan_video, False, _hunyuan_video_inputs()),
+    "LTXVideoTransformer3DModel": Row("ltx_video", _ltx_video, False, _ltx_video_inputs()),
 }
 EDIT = torch.zeros(3, 4, 4, dtype=torch.bool)
 EDIT[:, 1:3, 1:3] = True  # a box in every latent frame of the token grid [3, 4, 4]
@@ -221,3 +238,16 @@ def test_cogvideox_prompts_tell_cfg_branches_apart():
     histories = [branch.history for branch in hc.stats(model).branches.values()]
     assert histories == [["full", "partial"], ["full", "partial"]]
     assert "encoder_hidden_states" in hc.explain(compiled).split("text inputs (branch keys):")[1].splitlines()[0]
+
+
+def test_ltx_video_packed_latents_take_a_token_grid_mask_and_refuse_any_other_with_the_expected_shape():
+    model, inputs = _ltx_video(), _ltx_video_inputs()
+    compiled = compile_hetcache(model, schedule="FP")
+    hc.set_mask(model, torch.ones(4, 4, 4))  # 64 tokens: not this model's 48
+    with pytest.raises(ValueError, match=r"packed, 48 tokens in a row.*\[F', H', W'\]"):
+        _run(compiled, inputs)
+    hc.set_mask(model, EDIT)
+    _run(compiled, inputs)
+    _run(compiled, inputs)
+    assert hc.stats(model).branches["cond"].history == ["full", "partial"]
+    assert "packed latents" in hc.explain(compiled)

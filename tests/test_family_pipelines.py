@@ -117,3 +117,51 @@ def test_hunyuan_video_pipeline_with_an_edit_mask_runs_partial_and_reuse_steps_i
     for name in ("cond", "uncond"):
         assert stats.branches[name].history == ["full", "full", "partial", "partial", "reuse", "full"]
     assert torch.isfinite(video).all() and (video - expected).abs().max() < 0.5
+
+
+def _ltx_video_pipeline():
+    from diffusers import (
+        AutoencoderKLLTXVideo,
+        FlowMatchEulerDiscreteScheduler,
+        LTXPipeline,
+        LTXVideoTransformer3DModel,
+    )
+
+    torch.manual_seed(0)
+    transformer = LTXVideoTransformer3DModel(in_channels=8, out_channels=8, patch_size=1, patch_size_t=1,
+                                             num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+                                             num_layers=2, caption_channels=16).eval()
+    vae = AutoencoderKLLTXVideo(
+        in_channels=3, out_channels=3, latent_channels=8, block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8), layers_per_block=(1, 1, 1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1, 1, 1), spatio_temporal_scaling=(True, True, False, False),
+        decoder_spatio_temporal_scaling=(True, True, False, False), decoder_inject_noise=(False,) * 5,
+        upsample_residual=(False,) * 4, upsample_factor=(1,) * 4, patch_size=1, patch_size_t=1).eval()
+    return LTXPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
+                       transformer=transformer)
+
+
+def _generate_ltx_video(pipe, steps: int = 6) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    embeds, padding = torch.randn(2, 5, 16, generator=generator), torch.ones(2, 5)
+    return pipe(prompt_embeds=embeds[:1], prompt_attention_mask=padding[:1], negative_prompt_embeds=embeds[1:],
+                negative_prompt_attention_mask=padding[1:], height=32, width=32, num_frames=9, guidance_scale=3.0,
+                max_sequence_length=5, num_inference_steps=steps, output_type="pt", generator=generator).frames
+
+
+def test_ltx_video_pipeline_full_schedule_matches_and_a_token_grid_mask_gives_partial_and_reuse_steps():
+    pipe = _ltx_video_pipeline()
+    expected = _generate_ltx_video(pipe)
+    transformer = pipe.transformer
+    pipe.transformer = compile_hetcache(transformer, schedule="full")
+    torch.testing.assert_close(_generate_ltx_video(pipe), expected, rtol=1e-4, atol=1e-4)
+
+    torch._dynamo.reset()
+    edit = torch.zeros(3, 8, 8, dtype=torch.bool)  # packed latents: 3 latent frames of 8 x 8 cells, one token each
+    edit[:, 2:6, 2:6] = True
+    hc.set_mask(transformer, edit)
+    pipe.transformer = compile_hetcache(transformer, schedule="FFPPRF")
+    video = _generate_ltx_video(pipe)
+    stats = hc.stats(pipe.transformer)
+    assert stats.branches["cond"].history == ["full", "full", "partial", "partial", "reuse", "full"]
+    assert torch.isfinite(video).all() and (video - expected).abs().max() < 0.5
