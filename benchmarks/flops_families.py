@@ -64,6 +64,11 @@ LTX_VIDEO = dict(  # Lightricks/LTX-Video transformer/config.json (0.9.x)
     norm_eps=1e-6, caption_channels=4096, attention_bias=True, attention_out_bias=True,
 )
 
+FLUX_DEV = dict(  # black-forest-labs/FLUX.1-dev transformer/config.json
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+    joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+)
+
 
 @dataclass(frozen=True)
 class FamilyCase:
@@ -80,7 +85,8 @@ class FamilyCase:
     heads: int
     head_dim: int
     branches: int = 2  # transformer samples per step: 2 with CFG (sequential or batched), 1 guidance-distilled
-    packed_grid: tuple[int, int, int] | None = None  # latent cells of packed latents (the graph has no grid)
+    packed_grid: tuple[int, int, int] | None = None  # tokens of packed latents (the graph has no grid)
+    packed_patch: tuple[int, int, int] = (1, 1, 1)  # latent cells a packed token holds
 
 
 def _wan_vace() -> tuple[torch.nn.Module, dict]:
@@ -124,6 +130,16 @@ def _ltx_video() -> tuple[torch.nn.Module, dict]:
                        num_frames=frames, height=height, width=width)
 
 
+def _flux_dev() -> tuple[torch.nn.Module, dict]:
+    from diffusers import FluxTransformer2DModel
+
+    model = FluxTransformer2DModel(**FLUX_DEV)
+    tokens = 64 * 64  # 1024 x 1024: 128 x 128 latent cells, packed 2 x 2 a token
+    return model, dict(hidden_states=torch.empty(1, tokens, 64), encoder_hidden_states=torch.empty(1, 512, 4096),
+                       pooled_projections=torch.empty(1, 768), timestep=torch.empty(1), guidance=torch.empty(1),
+                       img_ids=torch.empty(tokens, 3), txt_ids=torch.empty(512, 3))
+
+
 CASES = [
     FamilyCase("Wan2.1-VACE-1.3B", "480x832, 81 frames", "sequential (cond, uncond)", "control_hidden_states",
                81, 480, 832, _wan_vace, 12, 128),
@@ -133,6 +149,8 @@ CASES = [
                "set_mask", 129, 544, 960, _hunyuan_video, 24, 128, branches=1),
     FamilyCase("LTX-Video 0.9", "512x704, 161 frames", "batched (one branch of 2)", "set_mask (token grid)",
                161, 512, 704, _ltx_video, 32, 64, packed_grid=(21, 16, 22)),
+    FamilyCase("FLUX.1-dev", "1024x1024 image", "guidance-distilled (one branch)", "set_mask (token grid)",
+               1, 1024, 1024, _flux_dev, 24, 128, branches=1, packed_grid=(1, 64, 64), packed_patch=(1, 2, 2)),
 ]
 
 
@@ -160,7 +178,7 @@ def row_for(case: FamilyCase, steps: int) -> list[str]:
         return [case.model, case.size, case.cfg, case.mask_source, "no", variants.partial_refused, "-", "-"]
     grid, patch = analysis.token_grid.grid, analysis.token_grid.patch
     if analysis.token_grid.packed:
-        grid, patch = case.packed_grid, (1, 1, 1)
+        grid, patch = case.packed_grid, case.packed_patch
     num_tokens = analysis.region.num_tokens
     factors = family_of(gm).pixel_factors
     token_mask = mask_to_token_grid(box_mask(case.frames, case.height, case.width), grid, patch, factors)[0]

@@ -90,7 +90,9 @@ def build_partial_variant(gm: fx.GraphModule, region: TokenRegion, token_inputs:
         with graph.inserting_after(placeholders(graph)[-1] if source.op == "placeholder" else source):
             gathered = graph.call_function(torch.index_select, (source, dim, index))
         gathered.name = f"{GATHER_PREFIX}_{name}"
-        source.replace_all_uses_with(gathered, delete_user_cb=lambda user: user.name in region.nodes)
+        upstream = name not in region.inputs  # a graph input the prologue reads: gathered for the prologue too
+        source.replace_all_uses_with(gathered, delete_user_cb=lambda user: upstream and user is not gathered
+                                     or user.name in region.nodes)
         if recompute:
             with graph.inserting_after(gathered):
                 at_context[gathered] = graph.call_function(torch.index_select,

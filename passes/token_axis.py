@@ -1,11 +1,12 @@
 """Token axis: which region inputs carry tokens, and proof that the region is token-local.
 
 Contract:
-- ``find_token_inputs(gm, region, user_inputs)`` returns ``{input name: token dim}`` for the
+- ``find_token_inputs(gm, region, user_inputs, hints)`` returns ``{input name: token dim}`` for the
   region inputs that carry one row per token (the hidden stream, the control stream, the RoPE
-  tables). Which inputs those are is decided from the graph's structure, never from sizes alone
-  (a hidden size can equal the token count: Wan 1.3B at 256x256 x 21 frames has 1536 of each):
-  a token input's values derive only from video inputs (5-D user inputs such as the latents and
+  tables), and for graph inputs ``hints`` name as token tables (``hints.py``). Which inputs those
+  are is decided from the graph's structure, never from sizes alone (a hidden size can equal the
+  token count: Wan 1.3B at 256x256 x 21 frames has 1536 of each): the stream is one by definition;
+  another token input's values derive only from video inputs (5-D user inputs such as the latents and
   VACE's control video) or from no user input at all (position tables built from buffers). The
   timestep modulation and the text embeddings derive from other inputs and are never token
   inputs. Within a token input the token axis is the first dimension of size ``num_tokens``, as in
@@ -57,7 +58,11 @@ def find_token_inputs(gm: fx.GraphModule, region: TokenRegion, user_inputs: set[
         raise RewriteRefused(f"the token stream entering {region.main_stack} is computed from neither a 5-D video "
                              f"input nor packed latents [B, {region.num_tokens}, C]")
     token_inputs = {region.stream_input: 1}  # the stream is [B, N, C] by the region's definition
-    for name in region.inputs:
+    # a hinted table the region reads through the prologue (Flux's image ids, from which the prologue
+    # computes RoPE tables of its text and image rows) is gathered at the graph input
+    upstream = [n.name for n in placeholders(gm.graph)
+                if n.name in user_inputs and n.name not in region.inputs and hints.token_table_dim(n.name) is not None]
+    for name in [*region.inputs, *upstream]:
         node = by_name[name]
         shape = tensor_shape(node)
         if name in token_inputs or shape is None or hints.is_text(name):

@@ -19,6 +19,10 @@ WAN_TINY = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=
                 qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
 
 
+EDIT = torch.zeros(3, 4, 4, dtype=torch.bool)
+EDIT[:, 1:3, 1:3] = True  # a box in every latent frame of the token grid [3, 4, 4]
+
+
 @dataclass
 class Row:
     """A model of a family: how to build it, its inputs, whether its inputs carry the mask."""
@@ -27,6 +31,7 @@ class Row:
     build: object
     mask_in_inputs: bool
     inputs: dict = field(default_factory=dict)
+    edit: torch.Tensor | None = None  # the token-grid mask given with set_mask (default: EDIT)
 
 
 def _wan_text_to_video():
@@ -111,6 +116,25 @@ def _ltx_video_inputs() -> dict:
                 timestep=torch.tensor([500]), encoder_attention_mask=torch.ones(1, 5), num_frames=3, height=4, width=4)
 
 
+def _flux():
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
+                                  attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                  pooled_projection_dim=32, axes_dims_rope=(4, 6, 6)).eval()
+
+
+def _flux_inputs() -> dict:
+    """An image of 4 x 4 packed tokens, with its position ids as FluxPipeline makes them."""
+    torch.manual_seed(1)
+    rows, columns = torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij")
+    image_ids = torch.stack([torch.zeros(16), rows.flatten(), columns.flatten()], dim=-1)
+    return dict(hidden_states=torch.randn(1, 16, 16), encoder_hidden_states=torch.randn(1, 5, 32),
+                pooled_projections=torch.randn(1, 32), timestep=torch.tensor([0.5]), img_ids=image_ids,
+                txt_ids=torch.zeros(5, 3))
+
+
 ROWS = {
     "WanVACETransformer3DModel": Row("wan", tiny_vace_transformer, True, transformer_inputs()),
     "WanTransformer3DModel": Row("wan", _wan_text_to_video, False, _text_video_inputs()),
@@ -122,9 +146,8 @@ ROWS = {
                                                    patch_bias=False), False, _cogvideox_inputs(frames=6)),
     "HunyuanVideoTransformer3DModel": Row("hunyuan_video", _hunyuan_video, False, _hunyuan_video_inputs()),
     "LTXVideoTransformer3DModel": Row("ltx_video", _ltx_video, False, _ltx_video_inputs()),
+    "FluxTransformer2DModel": Row("flux", _flux, False, _flux_inputs(), edit=EDIT[0]),  # an image: [H', W']
 }
-EDIT = torch.zeros(3, 4, 4, dtype=torch.bool)
-EDIT[:, 1:3, 1:3] = True  # a box in every latent frame of the token grid [3, 4, 4]
 
 
 def _run(model, inputs, **overrides):
@@ -139,7 +162,7 @@ def row(request):
 
 def _give_mask(model, row):
     if not row.mask_in_inputs:
-        hc.set_mask(model, EDIT)
+        hc.set_mask(model, EDIT if row.edit is None else row.edit)
 
 
 def test_full_schedule_equals_eager_and_explain_names_the_family(row):
@@ -251,3 +274,16 @@ def test_ltx_video_packed_latents_take_a_token_grid_mask_and_refuse_any_other_wi
     _run(compiled, inputs)
     assert hc.stats(model).branches["cond"].history == ["full", "partial"]
     assert "packed latents" in hc.explain(compiled)
+
+
+def test_flux_gathers_its_image_ids_so_rope_covers_the_prompt_rows_and_the_selected_tokens():
+    """Flux computes RoPE from txt_ids joined to img_ids inside the model: a partial step of the generative
+    tokens with the same inputs equals eager only if the tables were cut to exactly those rows."""
+    model, inputs = _flux(), _flux_inputs()
+    hc.set_mask(model, EDIT[0])
+    compiled = compile_hetcache(model, schedule="FP", margin_radius=0, context_ratio=0.0, margin_ratio=0.0)
+    eager = _run(model, inputs)
+    _run(compiled, inputs)
+    torch.testing.assert_close(_run(compiled, inputs), eager, rtol=1e-4, atol=1e-4)
+    assert hc.stats(model).token_fraction == 0.25
+    assert "l_kwargs_img_ids_[dim 0]" in hc.explain(compiled)

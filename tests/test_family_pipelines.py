@@ -165,3 +165,43 @@ def test_ltx_video_pipeline_full_schedule_matches_and_a_token_grid_mask_gives_pa
     stats = hc.stats(pipe.transformer)
     assert stats.branches["cond"].history == ["full", "full", "partial", "partial", "reuse", "full"]
     assert torch.isfinite(video).all() and (video - expected).abs().max() < 0.5
+
+
+def _flux_pipeline():
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, axes_dims_rope=(4, 6, 6)).eval()
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8), latent_channels=4,
+                        norm_num_groups=2, layers_per_block=1, use_quant_conv=False, use_post_quant_conv=False,
+                        shift_factor=0.06, scaling_factor=0.3).eval()
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
+                        text_encoder_2=None, tokenizer_2=None, transformer=transformer)
+
+
+def _generate_flux(pipe, steps: int = 6) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    embeds, pooled = torch.randn(1, 5, 32, generator=generator), torch.randn(1, 32, generator=generator)
+    return pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=64, width=64, guidance_scale=3.5,
+                num_inference_steps=steps, output_type="pt", generator=generator).images
+
+
+def test_flux_pipeline_full_schedule_matches_and_a_token_grid_mask_gives_partial_and_reuse_steps():
+    pipe = _flux_pipeline()
+    expected = _generate_flux(pipe)
+    transformer = pipe.transformer
+    pipe.transformer = compile_hetcache(transformer, schedule="full")
+    torch.testing.assert_close(_generate_flux(pipe), expected, rtol=1e-4, atol=1e-4)
+
+    torch._dynamo.reset()
+    edit = torch.zeros(4, 4, dtype=torch.bool)  # 64 x 64 pixels: 8 x 8 latent cells, packed 2 x 2 a token
+    edit[1:3, 1:3] = True
+    hc.set_mask(transformer, edit)
+    pipe.transformer = compile_hetcache(transformer, schedule="FFPPRF")
+    image = _generate_flux(pipe)
+    stats = hc.stats(pipe.transformer)
+    assert stats.branches["cond"].history == ["full", "full", "partial", "partial", "reuse", "full"]
+    assert torch.isfinite(image).all() and (image - expected).abs().max() < 0.5

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from . import cogvideox, hunyuan_video, ltx_video, wan
+from . import cogvideox, flux, hunyuan_video, ltx_video, wan
 from .base import MaskChannels, ModelFamily, traced_modules
 
 GENERIC = ModelFamily(name="generic")
-FAMILIES: tuple[ModelFamily, ...] = (wan.FAMILY, cogvideox.FAMILY, hunyuan_video.FAMILY, ltx_video.FAMILY)
+FAMILIES: tuple[ModelFamily, ...] = (wan.FAMILY, cogvideox.FAMILY, hunyuan_video.FAMILY, ltx_video.FAMILY, flux.FAMILY)
 
 
 def family_of(gm: fx.GraphModule) -> ModelFamily:
