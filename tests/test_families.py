@@ -137,6 +137,9 @@ def _flux_inputs() -> dict:
 
 ROWS = {
     "WanVACETransformer3DModel": Row("wan", tiny_vace_transformer, True, transformer_inputs()),
+    # Wan2.1-VACE-14B's layout at a tiny width: 40 blocks with VACE hints after every fifth, 40 heads (here 10 and 8)
+    "WanVACE-14B-layout": Row("wan", lambda: tiny_vace_transformer(num_layers=10, vace_layers=(0, 5), heads=8,
+                                                                   head_dim=4), True, transformer_inputs()),
     "WanTransformer3DModel": Row("wan", _wan_text_to_video, False, _text_video_inputs()),
     "SkyReelsV2Transformer3DModel": Row("wan", _skyreels_v2, False, _text_video_inputs()),
     # 2B: learned positions; 5B: RoPE tables as inputs; 1.5: 2 frames a patch (6 latent frames: a 3-frame grid)
