@@ -106,7 +106,7 @@ class HetCacheBackend:
             num_outputs = len(output_node(gm.graph).args[0])
             variants, plan = choose_cache_plan(build, example_inputs, num_outputs, config, limit)
         except RewriteRefused as refused:
-            return self._fallback(gm, example_inputs, str(refused), config, frame_id, in_dynamo)
+            return self._fallback(gm, example_inputs, family_of(gm).why(str(refused)), config, frame_id, in_dynamo)
         logger.info("hetcache rewrote a graph of %d nodes:\n%s%s", len(gm.graph.nodes), analysis.report(),
                     f"\n{plan.describe()}" if plan is not None else "")
         return HetCacheRuntime(gm, example_inputs, analysis, variants, config, frame_id=frame_id, plan=plan)

@@ -78,7 +78,7 @@ class HetCacheRuntime:
         self.reuse = CompiledVariant("reuse", variants.reuse, config)
         self.partial = (CompiledVariant("partial", variants.partial, config, specialize_on=len(example_inputs))
                         if variants.partial is not None else None)
-        self.partial_note = variants.partial_refused
+        self.partial_note = self.family.why(variants.partial_refused) if variants.partial_refused else None
         self.recompute = variants.recompute
         self.offload = variants.offload
         self.num_caches = len(variants.cached_sites) * variants.caches_per_site

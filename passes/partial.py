@@ -40,7 +40,8 @@ Placeholders: ``gm``'s, ``hetcache_index``, ``hetcache_a0, hetcache_a1, ...``; o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import operator
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.fx as fx
@@ -76,7 +77,8 @@ def set_attention_operand(node: fx.Node, index: int, name: str, value: fx.Node) 
 
 def build_partial_variant(gm: fx.GraphModule, region: TokenRegion, token_inputs: dict[str, int],
                           sites: Sequence[str], codec: CacheCodec = CacheCodec(),
-                          recompute: bool = False, offload: bool = False) -> fx.GraphModule:
+                          recompute: bool = False, offload: bool = False,
+                          key_offsets: Mapping[str, int] = {}) -> fx.GraphModule:
     partial = copy_graph_module(gm)
     graph = partial.graph
     by_name = {n.name: n for n in graph.nodes}
@@ -122,7 +124,13 @@ def build_partial_variant(gm: fx.GraphModule, region: TokenRegion, token_inputs:
             else:
                 cached = codec.decode(graph, stored[operand], example_value(fresh).dtype, before=site)
             with graph.inserting_before(site):
-                keys = graph.call_function(torch.cat, ([cached, fresh], dim))
+                offset = key_offsets.get(site.name, 0)
+                if offset:  # the cached token rows go where the token rows were (a key-padding mask's layout)
+                    head, tail = graph.call_function(torch.tensor_split, (fresh, [offset], dim)), None
+                    head, tail = (graph.call_function(operator.getitem, (head, i)) for i in (0, 1))
+                    keys = graph.call_function(torch.cat, ([head, cached, tail], dim))
+                else:
+                    keys = graph.call_function(torch.cat, ([cached, fresh], dim))
             set_attention_operand(site, position, keyword, keys)
 
     exit_node, stream = by_name[region.exit], by_name[region.stream_input]
@@ -139,9 +147,10 @@ def build_partial_variant(gm: fx.GraphModule, region: TokenRegion, token_inputs:
 
 
 def _refuse_masked_attention(site: fx.Node) -> None:
-    """Cached keys come first, then the fresh ones: the order changes, so a mask must not depend on it.
-    A key-padding mask (``[..., 1, L]``, HunyuanVideo's for padded text) is kept: it is the same for every
-    query, and the token rows it spans stay where they were (the pass manager checks that they start at 0)."""
+    """Cached keys join the fresh ones: the order of the token rows changes, so a mask must not depend on
+    it. A key-padding mask (``[..., 1, L]``, for padded prompt rows: HunyuanVideo's, QwenImage's) is kept:
+    it is the same for every query, and the cached rows are put where the token rows were
+    (``key_offsets``, from the pass manager), so the prompt rows keep their place."""
     mask = attention_operand(site, 3, "attn_mask")
     padding_only = mask is None or (tensor_shape(mask) or (0, 0))[-2:-1] == (1,)
     if not padding_only or attention_operand(site, 5, "is_causal"):

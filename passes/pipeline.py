@@ -323,11 +323,14 @@ def _build_checked_partial(gm: fx.GraphModule, analysis: GraphAnalysis, example_
         for position, keyword in ((0, "query"), (1, "key")):
             operand = attention_operand(by_name[name], position, keyword)
             rows[operand.name] = token_rows(gm.graph, operand, carries, tokens)
-    for name in sites:
-        key = attention_operand(by_name[name], 1, "key")
-        if attention_operand(by_name[name], 3, "attn_mask") is not None and rows[key.name][0] != 0:
-            raise RewriteRefused(f"self-attention '{name}' has a key-padding mask and its token rows do not come "
-                                 "first, so the cached rows would not line up with the mask")
+    masked = {name: rows[attention_operand(by_name[name], 1, "key").name][0] for name in sites
+              if attention_operand(by_name[name], 3, "attn_mask") is not None}
+    if any(masked.values()):  # text rows before the tokens under a key-padding mask: cached rows go after them
+        partial = build_partial_variant(gm, analysis.region, analysis.token_inputs, sites, codec, recompute, offload,
+                                        key_offsets=masked)
+        propagate_fake_shapes(partial, placeholder_examples(partial, example_inputs, extra))
+        check_token_local(gm, partial, analysis.region, selected)
+        partial.meta[TOKEN_ROWS] = rows
     if recompute and any(extra for _offset, extra in rows.values()):
         raise RewriteRefused("recompute_kv: the keys attend over text rows joined to the tokens, which a "
                              "projection of the token rows alone cannot recompute")

@@ -135,6 +135,23 @@ def _flux_inputs() -> dict:
                 txt_ids=torch.zeros(5, 3))
 
 
+def _qwen_image():
+    from diffusers import QwenImageTransformer2DModel
+
+    torch.manual_seed(0)
+    return QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+                                       num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(8, 4, 4)).eval()
+
+
+def _qwen_image_inputs() -> dict:
+    """4 x 4 packed tokens after 6 prompt rows, the last 2 padding (the key-padding mask is exercised)."""
+    torch.manual_seed(1)
+    padding = torch.ones(1, 6)
+    padding[:, 4:] = 0
+    return dict(hidden_states=torch.randn(1, 16, 16), encoder_hidden_states=torch.randn(1, 6, 16),
+                encoder_hidden_states_mask=padding, timestep=torch.tensor([0.5]), img_shapes=[(1, 4, 4)])
+
+
 ROWS = {
     "WanVACETransformer3DModel": Row("wan", tiny_vace_transformer, True, transformer_inputs()),
     # Wan2.1-VACE-14B's layout at a tiny width: 40 blocks with VACE hints after every fifth, 40 heads (here 10 and 8)
@@ -150,6 +167,7 @@ ROWS = {
     "HunyuanVideoTransformer3DModel": Row("hunyuan_video", _hunyuan_video, False, _hunyuan_video_inputs()),
     "LTXVideoTransformer3DModel": Row("ltx_video", _ltx_video, False, _ltx_video_inputs()),
     "FluxTransformer2DModel": Row("flux", _flux, False, _flux_inputs(), edit=EDIT[0]),  # an image: [H', W']
+    "QwenImageTransformer2DModel": Row("qwen_image", _qwen_image, False, _qwen_image_inputs(), edit=EDIT[0]),
 }
 
 
@@ -290,3 +308,47 @@ def test_flux_gathers_its_image_ids_so_rope_covers_the_prompt_rows_and_the_selec
     torch.testing.assert_close(_run(compiled, inputs), eager, rtol=1e-4, atol=1e-4)
     assert hc.stats(model).token_fraction == 0.25
     assert "l_kwargs_img_ids_[dim 0]" in hc.explain(compiled)
+
+
+def test_qwen_image_puts_cached_rows_after_the_prompt_rows_where_its_padding_mask_expects_image_rows():
+    """Prompt rows first, 2 of them padding: a partial step of the generative tokens with the same inputs equals
+    eager only if the cached image rows sit after the prompt rows, as the key-padding mask lays them out."""
+    model, inputs = _qwen_image(), _qwen_image_inputs()
+    hc.set_mask(model, EDIT[0])
+    compiled = compile_hetcache(model, schedule="FP", margin_radius=0, context_ratio=0.0, margin_ratio=0.0)
+    eager = _run(model, inputs)
+    _run(compiled, inputs)
+    torch.testing.assert_close(_run(compiled, inputs), eager, rtol=1e-4, atol=1e-4)
+    assert hc.stats(model).branches["cond"].history == ["full", "partial"]
+
+
+def test_sd3_keeps_full_and_reuse_steps_and_says_why_it_has_no_partial_steps():
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                                  num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                                  pooled_projection_dim=8, out_channels=4).eval()
+    inputs = dict(hidden_states=torch.randn(1, 4, 8, 8), encoder_hidden_states=torch.randn(1, 5, 16),
+                  pooled_projections=torch.randn(1, 8), timestep=torch.tensor([500.0]))
+    compiled = compile_hetcache(model, schedule="FR")
+    torch.testing.assert_close(_run(compiled, inputs), _run(model, inputs), rtol=1e-5, atol=1e-5)
+    _run(compiled, inputs, timestep=torch.tensor([400.0]))
+    assert hc.stats(model).branches["cond"].history == ["full", "reuse"]
+    assert "model family: sd3" in hc.explain(compiled) and "[sd3: 4-D image latents" in hc.explain(compiled)
+
+
+def test_mochi_is_compiled_unchanged_and_exact_with_the_graph_break_named():
+    from diffusers import MochiTransformer3DModel
+
+    torch.manual_seed(0)
+    model = MochiTransformer3DModel(patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+                                    pooled_projection_dim=16, in_channels=4, text_embed_dim=16, time_embed_dim=4,
+                                    activation_fn="swiglu", max_sequence_length=16).eval()
+    inputs = dict(hidden_states=torch.randn(1, 4, 3, 8, 8), encoder_hidden_states=torch.randn(1, 5, 16),
+                  timestep=torch.tensor([500]), encoder_attention_mask=torch.ones(1, 5))
+    compiled = compile_hetcache(model, schedule="FPR")
+    with pytest.warns(UserWarning, match=r"\[mochi: its attention processor calls nonzero\(\)"):
+        output = _run(compiled, inputs)
+    torch.testing.assert_close(output, _run(model, inputs), rtol=1e-5, atol=1e-5)
+    assert "nonzero()" in hc.explain(compiled)

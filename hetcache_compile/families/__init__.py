@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from . import cogvideox, flux, hunyuan_video, ltx_video, wan
+from . import cogvideox, flux, hunyuan_video, ltx_video, mochi, qwen_image, sd3, wan
 from .base import MaskChannels, ModelFamily, traced_modules
 
 GENERIC = ModelFamily(name="generic")
-FAMILIES: tuple[ModelFamily, ...] = (wan.FAMILY, cogvideox.FAMILY, hunyuan_video.FAMILY, ltx_video.FAMILY, flux.FAMILY)
+FAMILIES: tuple[ModelFamily, ...] = (wan.FAMILY, cogvideox.FAMILY, hunyuan_video.FAMILY, ltx_video.FAMILY, flux.FAMILY,
+                                      qwen_image.FAMILY, sd3.FAMILY, mochi.FAMILY)
 
 
 def family_of(gm: fx.GraphModule) -> ModelFamily:

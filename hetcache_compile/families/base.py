@@ -28,22 +28,34 @@ class ModelFamily:
 
     name: str
     modules: tuple[str, ...] = ()  # diffusers module names (``transformer_wan``) its graphs are traced from
+    classes: tuple[str, ...] = ()  # or block classes that only it uses, where those live in shared modules (SD3)
     pixel_factors: tuple[int, int, int] = (4, 8, 8)
     mask_input: MaskChannels | None = None
     rescale_polynomials: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
     hints: GraphHints = GraphHints()  # inputs its graphs' structure cannot classify (text, RoPE tables)
+    limits: str = ""  # what hetcache cannot do with it yet and why, added to its refusals
+
+    def why(self, refusal: str) -> str:
+        """``refusal`` (a pass's one-line reason), with what is known about this family's limits."""
+        return f"{refusal} [{self.name}: {self.limits}]" if self.limits else refusal
 
     def matches(self, gm: fx.GraphModule) -> bool:
-        """Whether ``gm`` was traced from a module of this family."""
-        return bool(self.modules) and any(name in self.modules for name in traced_modules(gm))
+        """Whether ``gm`` was traced from a module of this family (or through one of its ``classes``)."""
+        modules, classes = traced_modules(gm, classes=True)
+        return any(name in self.modules for name in modules) or any(name in self.classes for name in classes)
 
 
-def traced_modules(gm: fx.GraphModule) -> set[str]:
-    """The (last dotted part of the) Python modules defining the ``nn.Module`` classes ``gm`` was traced through."""
-    found = set()
+def traced_modules(gm: fx.GraphModule, classes: bool = False):
+    """The (last dotted part of the) Python modules defining the ``nn.Module`` classes ``gm`` was traced
+    through; with ``classes``, ``(modules, class names)``."""
+    modules, names = set(), set()
     for node in gm.graph.nodes:
         for _path, module_type in node.meta.get("nn_module_stack", {}).values():
             # a class, or its qualified name as a string ("package.module.Class")
-            module = module_type.rsplit(".", 1)[0] if isinstance(module_type, str) else module_type.__module__
-            found.add(module.rsplit(".", 1)[-1])
-    return found
+            if isinstance(module_type, str):
+                module, name = module_type.rsplit(".", 1)
+            else:
+                module, name = module_type.__module__, module_type.__name__
+            modules.add(module.rsplit(".", 1)[-1])
+            names.add(name)
+    return (modules, names) if classes else modules
