@@ -139,8 +139,9 @@ def _qwen_image():
     from diffusers import QwenImageTransformer2DModel
 
     torch.manual_seed(0)
-    return QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
-                                       num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(8, 4, 4)).eval()
+    return QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
+                                       attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
+                                       axes_dims_rope=(8, 4, 4)).eval()
 
 
 def _qwen_image_inputs() -> dict:
