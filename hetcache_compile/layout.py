@@ -12,6 +12,8 @@ from .fingerprint import FingerprintCache
 from .instances import instance_position
 from .passes import GraphAnalysis
 from .passes.graph_utils import output_node, placeholders
+from .passes.hints import names_argument
+from .passes.token_axis import TokenGrid
 from .families import ModelFamily
 
 
@@ -25,8 +27,10 @@ class InputLayout:
     - ``conditioning``: other user inputs fixed through a run (VACE's control video), and the
       scalar tensors Dynamo made of module attributes (a LoRA adapter's scale): a change starts a
       new run, so nothing computed before it is reused after it;
-    - ``latent`` and ``control``: the 5-D latent video and the input carrying the edit mask (the
-      family's ``mask_input``: VACE's ``control_hidden_states``).
+    - ``latent`` and ``control``: the latent video (5-D, or packed ``[B, N, C]``) and the input carrying
+      the edit mask (the family's ``mask_input``: VACE's ``control_hidden_states``, Flux Fill's
+      ``hidden_states``);
+    - ``position_ids``: packed latents' token positions (the family's ``position_ids``: Flux's ``img_ids``).
     """
 
     num_outputs: int
@@ -36,6 +40,7 @@ class InputLayout:
     conditioning: tuple[int, ...]
     latent: int | None
     control: int | None
+    position_ids: int | None = None
 
     @classmethod
     def of(cls, gm: fx.GraphModule, example_inputs: Sequence[object], analysis: GraphAnalysis,
@@ -53,6 +58,7 @@ class InputLayout:
                 names, example_inputs, set(analysis.user_inputs)),
             latent=index[grid.latent_input] if grid is not None else None,
             control=_mask_input_index(names, example_inputs, grid, family),
+            position_ids=_position_ids_index(names, grid, family),
         )
 
     def instance_key(self, args: Sequence[object]) -> torch.Tensor | None:
@@ -74,14 +80,26 @@ def _scalar_attributes(names: Sequence[str], example_inputs: Sequence[object], u
                  and not isinstance(value, torch.nn.Parameter) and value.numel() <= 1)
 
 
-def _mask_input_index(names: Sequence[str], example_inputs: Sequence[object], grid,
+def _mask_input_index(names: Sequence[str], example_inputs: Sequence[object], grid: TokenGrid | None,
                       family: ModelFamily) -> int | None:
-    """Position of the family's mask-carrying input (5-D, latent-sized, with the mask channels), if any."""
+    """Position of the family's mask-carrying input, if any: 5-D and latent-sized with the mask channels,
+    or, packed, one row per token and wider than the mask channels."""
     spec = family.mask_input
-    if grid is None or spec is None:
+    if grid is None or spec is None or spec.packed != grid.packed:
         return None
     for i, (name, value) in enumerate(zip(names, example_inputs)):
-        if spec.input_name in name and isinstance(value, torch.Tensor) and value.dim() == 5 \
-                and value.shape[1] >= spec.channels and tuple(value.shape[2:]) == grid.latent_shape[2:]:
+        if not (names_argument(name, spec.input_name) and isinstance(value, torch.Tensor)):
+            continue
+        if spec.packed and value.dim() == 3 and value.shape[1] == grid.num_tokens and value.shape[2] > spec.channels:
+            return i
+        if not spec.packed and value.dim() == 5 and value.shape[1] >= spec.channels \
+                and tuple(value.shape[2:]) == grid.latent_shape[2:]:
             return i
     return None
+
+
+def _position_ids_index(names: Sequence[str], grid: TokenGrid | None, family: ModelFamily) -> int | None:
+    spec = family.position_ids
+    if grid is None or not grid.packed or spec is None:
+        return None
+    return next((i for i, name in enumerate(names) if names_argument(name, spec.input_name)), None)

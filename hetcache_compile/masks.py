@@ -13,15 +13,19 @@ from .priors import (
     USER_MASKS,
     TokenClasses,
     classify_tokens,
+    grid_from_position_ids,
     mask_from_channels,
     mask_to_packed_tokens,
     mask_to_token_grid,
+    packed_mask_from_channels,
 )
 
 
 class MaskSource:
     """The edit mask of a call: the user's (``set_mask`` on the model the call is for), else the mask
-    channels of the family's mask input (VACE's control video), else none (step-level caching only).
+    channels of the family's mask input (VACE's control video, Flux Fill's latents), else none
+    (step-level caching only). Packed latents get their token grid from the family's position ids
+    where it has them; without, a user mask must be a token grid and margins follow the packed order.
 
     ``token_classes(args, say)`` returns G, M, C for the batch (the union of every sample's edit) or
     None when partial steps cannot run; ``say`` reports why once.
@@ -49,13 +53,27 @@ class MaskSource:
         return classify_tokens(merged, self.margin_radius)
 
     def _mask(self, args: Sequence[object]) -> torch.Tensor | None:
+        """``[B, F', H', W']`` (packed latents of unknown grid: ``[B, 1, 1, N]``); None: no mask."""
         user_mask = USER_MASKS.lookup(self.layout.instance_key(args))
-        if user_mask is not None and self.grid.packed:
+        grid, patch = self._grid(args)
+        if user_mask is not None and grid is None:
             return mask_to_packed_tokens(user_mask, self.grid.num_tokens)
         if user_mask is not None:
-            return mask_to_token_grid(user_mask, self.grid.grid, self.grid.patch, self.family.pixel_factors)
-        if self.layout.control is not None:
-            spec = self.family.mask_input
-            return mask_from_channels(args[self.layout.control], spec.channels, self.grid.patch,
-                                      f"the mask in '{spec.input_name}'")
-        return None
+            return mask_to_token_grid(user_mask, grid, patch, self.family.pixel_factors)
+        if self.layout.control is None:
+            return None
+        spec = self.family.mask_input
+        what, control = f"the mask in '{spec.input_name}'", args[self.layout.control]
+        if spec.packed:
+            return packed_mask_from_channels(control, spec.channels, grid or (1, 1, self.grid.num_tokens), what)
+        return mask_from_channels(control, spec.channels, patch, what)
+
+    def _grid(self, args: Sequence[object]) -> tuple[tuple[int, int, int] | None, tuple[int, int, int]]:
+        """The token grid and the latent cells of a token; for packed latents, read from the position ids."""
+        if not self.grid.packed:
+            return self.grid.grid, self.grid.patch
+        if self.layout.position_ids is None:
+            return None, self.family.packed_patch
+        spec = self.family.position_ids
+        return (grid_from_position_ids(args[self.layout.position_ids], spec.columns, self.grid.num_tokens),
+                self.family.packed_patch)

@@ -83,6 +83,35 @@ def mask_from_channels(control: torch.Tensor, channels: int, patch: tuple[int, i
     return _pool_any(latent_cells, patch)
 
 
+def packed_mask_from_channels(tokens: torch.Tensor, channels: int, grid: tuple[int, int, int],
+                              what: str = "the mask in the input") -> torch.Tensor:
+    """Token-grid mask ``[B, F', H', W']`` from the last ``channels`` channels of a packed input ``[B, N, C]``
+    (one row per token, in raster order over ``grid``) holding each token's mask pixels (Flux Fill: 256,
+    ``FluxFillPipeline.prepare_mask_latents``); a token with a pixel above 0.5 is edited."""
+    pixels = binarize(tokens[..., -channels:], what)
+    return pixels.any(dim=-1).reshape(tokens.shape[0], *grid)
+
+
+def grid_from_position_ids(ids: torch.Tensor, columns: tuple[int, int], num_tokens: int) -> tuple[int, int, int] | None:
+    """The token grid ``(1, H', W')`` of packed latents whose ``ids`` (``[(B,) N, D]``) give each token's
+    (row, column) in ``columns``; None unless they number the rows of an ``H' x W'`` grid in raster order.
+
+    >>> rows, cols = torch.meshgrid(torch.arange(2), torch.arange(3), indexing="ij")
+    >>> grid_from_position_ids(torch.stack([torch.zeros(6), rows.flatten(), cols.flatten()], -1), (1, 2), 6)
+    (1, 2, 3)
+    """
+    if ids.dim() == 3:
+        ids = ids[0]
+    if ids.dim() != 2 or ids.shape[0] != num_tokens or max(columns) >= ids.shape[1]:
+        return None
+    rows, cols = (ids[:, c].detach().cpu().round().long() for c in columns)
+    height, width = int(rows.max()) + 1, int(cols.max()) + 1
+    raster = torch.arange(num_tokens)
+    if height * width != num_tokens or not torch.equal(rows * width + cols, raster):
+        return None
+    return (1, height, width)
+
+
 def _pool_any(cells: torch.Tensor, factors: tuple[int, int, int]) -> torch.Tensor:
     """Any-pool ``[B, F, H, W]`` by ``factors`` (exact division required)."""
     b, f, h, w = cells.shape
@@ -101,15 +130,18 @@ def expected_pixel_shape(grid: tuple[int, int, int], patch: tuple[int, int, int]
 def mask_to_token_grid(mask: torch.Tensor, grid: tuple[int, int, int], patch: tuple[int, int, int],
                        pixel_factors: tuple[int, int, int] = WAN_PIXEL_FACTORS) -> torch.Tensor:
     """Accept a token-grid mask ``[(B,) F', H', W']`` or a pixel mask video ``[(B,) F, H, W]`` (the
-    VAE's ``pixel_factors`` per latent cell: the first frame alone, then that many frames a cell).
+    VAE's ``pixel_factors`` per latent cell: the first frame alone, then that many frames a cell); for
+    an image (``F' = 1``) also ``[H', W']`` or ``[H, W]``.
 
     Returns a bool ``[B, F', H', W']``: a value above 0.5 is edited, in either form (a warning says
     so for a mask that is not binary). Raises ``ValueError`` naming both expected grids when the
     shape fits neither.
     """
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and grid[0] == 1:
+        mask = mask.unsqueeze(0)  # an image: one frame
     if not isinstance(mask, torch.Tensor) or mask.dim() not in (3, 4):
-        raise ValueError(f"hetcache mask must be a 3-D or 4-D tensor, got {type(mask).__name__} "
-                         f"{getattr(mask, 'shape', '')}")
+        raise ValueError(f"hetcache mask must be a 3-D or 4-D tensor (2-D for an image), got "
+                         f"{type(mask).__name__} {getattr(mask, 'shape', '')}")
     batched = mask if mask.dim() == 4 else mask.unsqueeze(0)
     spatial = tuple(batched.shape[1:])
     if spatial == tuple(grid):

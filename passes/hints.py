@@ -2,18 +2,26 @@
 
 The passes find the block stack, the attention sites, the timestep and the token axes from the
 graph alone, except where a structural reading is ambiguous. Hints name graph inputs by their
-forward argument (a substring of the placeholder Dynamo names after it, e.g. ``image_rotary_emb``
-in ``l_kwargs_image_rotary_emb_0_``). The family modules of ``hetcache_compile.families`` supply
+forward argument, as Dynamo names placeholders after it (``image_rotary_emb`` names
+``l_kwargs_image_rotary_emb_0_``, the first tensor of that argument, but never ``l_kwargs_rotary_emb_``). The family modules of ``hetcache_compile.families`` supply
 them; the passes know nothing of families.
 
 >>> hints = GraphHints(text_inputs=("encoder_hidden_states",), token_tables=(("image_rotary_emb", 0),))
 >>> hints.is_text("l_kwargs_encoder_hidden_states_"), hints.token_table_dim("l_image_rotary_emb_1_")
 (True, 0)
+>>> names_argument("l_kwargs_encoder_hidden_states_", "hidden_states")
+False
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+
+def names_argument(placeholder: str, argument: str) -> bool:
+    """Whether Dynamo named ``placeholder`` after the forward argument ``argument`` (or an element of it)."""
+    return re.fullmatch(rf"l_(kwargs_)?{re.escape(argument)}(_\d+)*_", placeholder, flags=re.IGNORECASE) is not None
 
 
 @dataclass(frozen=True)
@@ -32,7 +40,7 @@ class GraphHints:
     frames_first: bool = False
 
     def is_text(self, placeholder: str) -> bool:
-        return any(name in placeholder for name in self.text_inputs)
+        return any(names_argument(placeholder, name) for name in self.text_inputs)
 
     def token_table_dim(self, placeholder: str) -> int | None:
-        return next((dim for name, dim in self.token_tables if name in placeholder), None)
+        return next((dim for name, dim in self.token_tables if names_argument(placeholder, name)), None)

@@ -125,12 +125,27 @@ def _flux():
                                   pooled_projection_dim=32, axes_dims_rope=(4, 6, 6)).eval()
 
 
-def _flux_inputs() -> dict:
-    """An image of 4 x 4 packed tokens, with its position ids as FluxPipeline makes them."""
+def _flux_fill():
+    """Flux Fill's layout: packed latents, masked-image latents and 256 mask channels (16 x 16 pixels a token)."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(patch_size=1, in_channels=16 + 16 + 256, out_channels=16, num_layers=2,
+                                  num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+                                  joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6)).eval()
+
+
+def _flux_inputs(edit: torch.Tensor | None = None) -> dict:
+    """An image of 4 x 4 packed tokens, with its position ids as FluxPipeline makes them; with ``edit`` (a
+    token grid), Flux Fill's: masked-image latents and the edit's mask pixels joined to the latents."""
     torch.manual_seed(1)
     rows, columns = torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij")
     image_ids = torch.stack([torch.zeros(16), rows.flatten(), columns.flatten()], dim=-1)
-    return dict(hidden_states=torch.randn(1, 16, 16), encoder_hidden_states=torch.randn(1, 5, 32),
+    latents = torch.randn(1, 16, 16)
+    if edit is not None:
+        mask_pixels = edit.flatten().float()[None, :, None].expand(1, 16, 256)
+        latents = torch.cat([latents, torch.randn(1, 16, 16), mask_pixels], dim=-1)
+    return dict(hidden_states=latents, encoder_hidden_states=torch.randn(1, 5, 32),
                 pooled_projections=torch.randn(1, 32), timestep=torch.tensor([0.5]), img_ids=image_ids,
                 txt_ids=torch.zeros(5, 3))
 
@@ -168,6 +183,7 @@ ROWS = {
     "HunyuanVideoTransformer3DModel": Row("hunyuan_video", _hunyuan_video, False, _hunyuan_video_inputs()),
     "LTXVideoTransformer3DModel": Row("ltx_video", _ltx_video, False, _ltx_video_inputs()),
     "FluxTransformer2DModel": Row("flux", _flux, False, _flux_inputs(), edit=EDIT[0]),  # an image: [H', W']
+    "Flux-Fill": Row("flux", _flux_fill, True, _flux_inputs(edit=EDIT[0])),
     "QwenImageTransformer2DModel": Row("qwen_image", _qwen_image, False, _qwen_image_inputs(), edit=EDIT[0]),
 }
 
@@ -193,7 +209,7 @@ def test_full_schedule_equals_eager_and_explain_names_the_family(row):
     torch.testing.assert_close(_run(compiled, row.inputs), _run(model, row.inputs), rtol=1e-5, atol=1e-5)
     report = hc.explain(compiled)
     assert f"model family: {row.family}" in report
-    assert ("the inputs ('control_hidden_states')" in report) == row.mask_in_inputs
+    assert ("set_mask, else the inputs (" in report) == row.mask_in_inputs
 
 
 def test_partial_step_with_every_token_selected_equals_the_full_step(row):
@@ -353,3 +369,32 @@ def test_mochi_is_compiled_unchanged_and_exact_with_the_graph_break_named():
         output = _run(compiled, inputs)
     torch.testing.assert_close(output, _run(model, inputs), rtol=1e-5, atol=1e-5)
     assert "nonzero()" in hc.explain(compiled)
+
+
+def test_flux_fill_reads_its_mask_from_its_input_as_a_token_grid_or_a_pixel_mask_would_give_it():
+    """Flux Fill's mask channels, a token grid and a 64 x 64 pixel mask (the grid from ``img_ids``) select the
+    same tokens: the three partial steps agree."""
+    inputs = _flux_inputs(edit=EDIT[0])
+    pixels = EDIT[0].repeat_interleave(16, dim=0).repeat_interleave(16, dim=1)  # 16 x 16 pixels a token
+    outputs, fractions = [], []
+    for mask in (None, EDIT[0], pixels):
+        torch._dynamo.reset()
+        model = _flux_fill()
+        if mask is not None:
+            hc.set_mask(model, mask)
+        compiled = compile_hetcache(model, schedule="FP", margin_radius=1, context_ratio=0.0, margin_ratio=0.0)
+        _run(compiled, inputs)
+        outputs.append(_run(compiled, inputs))
+        fractions.append(hc.stats(model).token_fraction)
+        assert hc.stats(model).branches["cond"].history == ["full", "partial"]
+    assert fractions[0] < 1 and fractions.count(fractions[0]) == 3
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=0)
+    torch.testing.assert_close(outputs[2], outputs[0], rtol=0, atol=0)
+
+
+def test_a_flux_mask_that_fits_neither_the_token_grid_nor_the_pixels_is_refused_naming_both():
+    model = _flux()
+    hc.set_mask(model, torch.ones(48, 48, dtype=torch.bool))
+    compiled = compile_hetcache(model, schedule="FP")
+    with pytest.raises(ValueError, match=r"\[1, 4, 4\].*\[1, 64, 64\]"):
+        _run(compiled, _flux_inputs())

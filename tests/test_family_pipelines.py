@@ -205,3 +205,46 @@ def test_flux_pipeline_full_schedule_matches_and_a_token_grid_mask_gives_partial
     stats = hc.stats(pipe.transformer)
     assert stats.branches["cond"].history == ["full", "full", "partial", "partial", "reuse", "full"]
     assert torch.isfinite(image).all() and (image - expected).abs().max() < 0.5
+
+
+def _flux_fill_pipeline():
+    from diffusers import FluxFillPipeline
+
+    base = _flux_pipeline()
+    torch.manual_seed(0)
+    transformer = type(base.transformer)(
+        patch_size=1, in_channels=16 + 16 + 256, out_channels=16, num_layers=2, num_single_layers=2,
+        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+        axes_dims_rope=(4, 6, 6)).eval()
+    return FluxFillPipeline(scheduler=base.scheduler, vae=base.vae, text_encoder=None, tokenizer=None,
+                            text_encoder_2=None, tokenizer_2=None, transformer=transformer)
+
+
+def _generate_flux_fill(pipe, mask: torch.Tensor, steps: int = 6) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    embeds, pooled = torch.randn(1, 5, 32, generator=generator), torch.randn(1, 32, generator=generator)
+    image = torch.rand(1, 3, 64, 64, generator=generator)
+    return pipe(image=image, mask_image=mask, prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=64, width=64,
+                guidance_scale=30.0, num_inference_steps=steps, output_type="pt", generator=generator).images
+
+
+def test_flux_fill_pipeline_reads_the_mask_image_like_vace_and_runs_partial_and_reuse_steps():
+    """FluxFillPipeline folds ``mask_image`` into the transformer's input: no set_mask. Its full schedule equals
+    the uncompiled pipeline; a fixed schedule runs partial steps over the masked tokens only."""
+    pipe = _flux_fill_pipeline()
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[..., 16:48, 16:32] = 1.0  # 2 x 1 of the 4 x 4 tokens (16 x 16 pixels each)
+    expected = _generate_flux_fill(pipe, mask)
+    transformer = pipe.transformer
+    pipe.transformer = compile_hetcache(transformer, schedule="full")
+    torch.testing.assert_close(_generate_flux_fill(pipe, mask), expected, rtol=1e-4, atol=1e-4)
+
+    torch._dynamo.reset()
+    pipe.transformer = compile_hetcache(transformer, schedule="FFPPRF", margin_radius=0, context_ratio=0.0,
+                                        margin_ratio=0.0)
+    image = _generate_flux_fill(pipe, mask)
+    stats = hc.stats(pipe.transformer)
+    assert stats.branches["cond"].history == ["full", "full", "partial", "partial", "reuse", "full"]
+    assert stats.token_fraction == 2 / 16 and not stats.fallback_reasons
+    assert "set_mask, else the inputs ('hidden_states')" in hc.explain(pipe.transformer)
+    assert torch.isfinite(image).all() and (image - expected).abs().max() < 0.5

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from . import cogvideox, flux, hunyuan_video, ltx_video, mochi, qwen_image, sd3, wan
-from .base import MaskChannels, ModelFamily, traced_modules
+from .base import MaskChannels, ModelFamily, PositionIds, traced_modules
 
 GENERIC = ModelFamily(name="generic")
 FAMILIES: tuple[ModelFamily, ...] = (wan.FAMILY, cogvideox.FAMILY, hunyuan_video.FAMILY, ltx_video.FAMILY, flux.FAMILY,
@@ -35,5 +35,5 @@ def rescale_polynomials() -> dict[str, tuple[float, ...]]:
     return {name: coefficients for family in FAMILIES for name, coefficients in family.rescale_polynomials.items()}
 
 
-__all__ = ["FAMILIES", "GENERIC", "MaskChannels", "ModelFamily", "family_of", "rescale_polynomials",
+__all__ = ["FAMILIES", "GENERIC", "MaskChannels", "ModelFamily", "PositionIds", "family_of", "rescale_polynomials",
            "traced_modules"]

@@ -12,12 +12,24 @@ from ..passes.hints import GraphHints
 
 @dataclass(frozen=True)
 class MaskChannels:
-    """An edit mask carried in the last ``channels`` channels of a 5-D input, each latent cell's
-    ``pixels_per_cell`` (height x width) mask pixels folded into channels (VACE's control video)."""
+    """An edit mask carried in the last ``channels`` channels of an input: a 5-D latent video with each
+    latent cell's ``pixels_per_cell`` (height x width) mask pixels folded into channels (VACE's control
+    video), or, ``packed``, a ``[B, N, C]`` input with one row per token whose last ``channels`` hold
+    that token's mask pixels (Flux Fill). Only inputs wider than ``channels`` carry it."""
 
     input_name: str  # a substring of the graph input's name (Dynamo names it after the forward argument)
     channels: int
     pixels_per_cell: tuple[int, int]
+    packed: bool = False
+
+
+@dataclass(frozen=True)
+class PositionIds:
+    """A graph input giving each packed token's place: one row per token, ``columns`` its (row, column) on
+    the token grid (Flux's ``img_ids``). Read at run time, it gives packed latents their grid back."""
+
+    input_name: str
+    columns: tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -31,6 +43,8 @@ class ModelFamily:
     classes: tuple[str, ...] = ()  # or block classes that only it uses, where those live in shared modules (SD3)
     pixel_factors: tuple[int, int, int] = (4, 8, 8)
     mask_input: MaskChannels | None = None
+    position_ids: PositionIds | None = None  # packed latents only: where their token grid can be read
+    packed_patch: tuple[int, int, int] = (1, 1, 1)  # packed latents only: latent cells a token covers
     rescale_polynomials: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
     hints: GraphHints = GraphHints()  # inputs its graphs' structure cannot classify (text, RoPE tables)
     limits: str = ""  # what hetcache cannot do with it yet and why, added to its refusals
