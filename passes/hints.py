@@ -3,8 +3,9 @@
 The passes find the block stack, the attention sites, the timestep and the token axes from the
 graph alone, except where a structural reading is ambiguous. Hints name graph inputs by their
 forward argument, as Dynamo names placeholders after it (``image_rotary_emb`` names
-``l_kwargs_image_rotary_emb_0_``, the first tensor of that argument, but never ``l_kwargs_rotary_emb_``). The family modules of ``hetcache_compile.families`` supply
-them; the passes know nothing of families.
+``l_kwargs_image_rotary_emb_0_``, the first tensor of that argument, but never
+``l_kwargs_rotary_emb_``). The family modules of ``hetcache_compile.families`` supply them; the
+passes know nothing of families.
 
 >>> hints = GraphHints(text_inputs=("encoder_hidden_states",), token_tables=(("image_rotary_emb", 0),))
 >>> hints.is_text("l_kwargs_encoder_hidden_states_"), hints.token_table_dim("l_image_rotary_emb_1_")
