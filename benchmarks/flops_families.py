@@ -64,6 +64,23 @@ LTX_VIDEO = dict(  # Lightricks/LTX-Video transformer/config.json (0.9.x)
     norm_eps=1e-6, caption_channels=4096, attention_bias=True, attention_out_bias=True,
 )
 
+WAN_VACE_14B = dict(  # Wan-AI/Wan2.1-VACE-14B-diffusers transformer/config.json
+    patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
+    text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads", eps=1e-6, vace_layers=list(range(0, 40, 5)), vace_in_channels=96,
+)
+
+QWEN_IMAGE = dict(  # Qwen/Qwen-Image transformer/config.json
+    patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128, num_attention_heads=24,
+    joint_attention_dim=3584, guidance_embeds=False, axes_dims_rope=(16, 56, 56),
+)
+
+SD3_MEDIUM = dict(  # stabilityai/stable-diffusion-3-medium-diffusers transformer/config.json
+    sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
+    joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
+    pos_embed_max_size=192,
+)
+
 FLUX_DEV = dict(  # black-forest-labs/FLUX.1-dev transformer/config.json
     patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
     joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56),
@@ -89,10 +106,10 @@ class FamilyCase:
     packed_patch: tuple[int, int, int] = (1, 1, 1)  # latent cells a packed token holds
 
 
-def _wan_vace() -> tuple[torch.nn.Module, dict]:
+def _wan_vace(config: dict = WAN_VACE_1_3B) -> tuple[torch.nn.Module, dict]:
     from diffusers import WanVACETransformer3DModel
 
-    model = WanVACETransformer3DModel(**WAN_VACE_1_3B)
+    model = WanVACETransformer3DModel(**config)
     shape = (1, 16, 21, 60, 104)  # 81 frames of 480 x 832
     return model, dict(hidden_states=torch.empty(shape), timestep=torch.empty(1),
                        encoder_hidden_states=torch.empty(1, 512, 4096),
@@ -130,27 +147,55 @@ def _ltx_video() -> tuple[torch.nn.Module, dict]:
                        num_frames=frames, height=height, width=width)
 
 
-def _flux_dev() -> tuple[torch.nn.Module, dict]:
+def _flux_dev(fill: bool = False) -> tuple[torch.nn.Module, dict]:
+    """FLUX.1-dev, or FLUX.1-Fill-dev: latents, masked-image latents and 256 mask channels (384 in all)."""
     from diffusers import FluxTransformer2DModel
 
-    model = FluxTransformer2DModel(**FLUX_DEV)
+    channels = 384 if fill else 64
+    model = FluxTransformer2DModel(**{**FLUX_DEV, "in_channels": channels, "out_channels": 64})
     tokens = 64 * 64  # 1024 x 1024: 128 x 128 latent cells, packed 2 x 2 a token
-    return model, dict(hidden_states=torch.empty(1, tokens, 64), encoder_hidden_states=torch.empty(1, 512, 4096),
+    return model, dict(hidden_states=torch.empty(1, tokens, channels), encoder_hidden_states=torch.empty(1, 512, 4096),
                        pooled_projections=torch.empty(1, 768), timestep=torch.empty(1), guidance=torch.empty(1),
                        img_ids=torch.empty(tokens, 3), txt_ids=torch.empty(512, 3))
+
+
+def _qwen_image() -> tuple[torch.nn.Module, dict]:
+    from diffusers import QwenImageTransformer2DModel
+
+    model = QwenImageTransformer2DModel(**QWEN_IMAGE)
+    side = 83  # 1328 x 1328: 166 x 166 latent cells, packed 2 x 2 a token
+    # no padding mask: on the meta device its prompt length cannot be computed (FLOPs are the same)
+    return model, dict(hidden_states=torch.empty(1, side * side, 64), encoder_hidden_states=torch.empty(1, 256, 3584),
+                       timestep=torch.empty(1), img_shapes=[(1, side, side)])
+
+
+def _sd3_medium() -> tuple[torch.nn.Module, dict]:
+    from diffusers import SD3Transformer2DModel
+
+    model = SD3Transformer2DModel(**SD3_MEDIUM)
+    return model, dict(hidden_states=torch.empty(1, 16, 128, 128), encoder_hidden_states=torch.empty(1, 333, 4096),
+                       pooled_projections=torch.empty(1, 2048), timestep=torch.empty(1))
 
 
 CASES = [
     FamilyCase("Wan2.1-VACE-1.3B", "480x832, 81 frames", "sequential (cond, uncond)", "control_hidden_states",
                81, 480, 832, _wan_vace, 12, 128),
+    FamilyCase("Wan2.1-VACE-14B", "480x832, 81 frames", "sequential (cond, uncond)", "control_hidden_states",
+               81, 480, 832, lambda: _wan_vace(WAN_VACE_14B), 40, 128),
     FamilyCase("CogVideoX-5B", "480x720, 49 frames", "batched (one branch of 2)", "set_mask",
                49, 480, 720, _cogvideox_5b, 48, 64),
     FamilyCase("HunyuanVideo", "544x960, 129 frames", "guidance-distilled (one branch); true CFG sequential",
                "set_mask", 129, 544, 960, _hunyuan_video, 24, 128, branches=1),
     FamilyCase("LTX-Video 0.9", "512x704, 161 frames", "batched (one branch of 2)", "set_mask (token grid)",
                161, 512, 704, _ltx_video, 32, 64, packed_grid=(21, 16, 22)),
-    FamilyCase("FLUX.1-dev", "1024x1024 image", "guidance-distilled (one branch)", "set_mask (token grid)",
+    FamilyCase("FLUX.1-dev", "1024x1024 image", "guidance-distilled (one branch)", "set_mask (token grid or pixels)",
                1, 1024, 1024, _flux_dev, 24, 128, branches=1, packed_grid=(1, 64, 64), packed_patch=(1, 2, 2)),
+    FamilyCase("FLUX.1-Fill-dev", "1024x1024 image", "guidance-distilled (one branch)", "hidden_states (mask channels)",
+               1, 1024, 1024, lambda: _flux_dev(fill=True), 24, 128, branches=1, packed_grid=(1, 64, 64),
+               packed_patch=(1, 2, 2)),
+    FamilyCase("Qwen-Image", "1328x1328 image", "sequential (true CFG)", "set_mask (token grid)",
+               1, 1328, 1328, _qwen_image, 24, 128, packed_grid=(1, 83, 83), packed_patch=(1, 2, 2)),
+    FamilyCase("SD3-medium", "1024x1024 image", "batched (one branch of 2)", "-", 1, 1024, 1024, _sd3_medium, 24, 64),
 ]
 
 
@@ -174,15 +219,23 @@ def row_for(case: FamilyCase, steps: int) -> list[str]:
     gm, example_inputs = trace(case)
     analysis = passes.analyze(gm, example_inputs, family_of(gm).hints)
     variants = passes.build_variants(gm, analysis, example_inputs)
-    if variants.partial is None:
-        return [case.model, case.size, case.cfg, case.mask_source, "no", variants.partial_refused, "-", "-"]
+    config = HetCacheConfig()
+    kinds = step_kinds(config, steps)
+    if variants.partial is None:  # partial steps run as full steps
+        full, probe = count(lambda: variants.full(*example_inputs)), _probe_flops(variants, example_inputs)
+        computed = passes.StepOutputs.of_full(variants.full(*example_inputs), num_outputs=1)
+        reuse = count(lambda: variants.reuse(*example_inputs, computed.residual))
+        baseline = steps * (full + probe)
+        total = sum(reuse if kind == "R" else full for kind in kinds) + steps * probe
+        return [case.model, case.size, case.cfg, case.mask_source, "no (full and reuse steps)",
+                family_of(gm).why(variants.partial_refused), f"{case.branches * baseline / 1e15:.1f} -> "
+                f"{case.branches * total / 1e15:.1f}", f"{baseline / total:.2f}x"]
     grid, patch = analysis.token_grid.grid, analysis.token_grid.patch
     if analysis.token_grid.packed:
         grid, patch = case.packed_grid, case.packed_patch
     num_tokens = analysis.region.num_tokens
     factors = family_of(gm).pixel_factors
     token_mask = mask_to_token_grid(box_mask(case.frames, case.height, case.width), grid, patch, factors)[0]
-    config = HetCacheConfig()
     classes = classify_tokens(token_mask, config.margin_radius)
     size = budget_size(classes, config.context_ratio, config.margin_ratio, config.size_buckets)
 
@@ -193,9 +246,8 @@ def row_for(case: FamilyCase, steps: int) -> list[str]:
     extra = passes.partial_arguments(index, recorded.exit, None, context)
     partial = count(lambda: variants.partial(*example_inputs, *extra))
     reuse = count(lambda: variants.reuse(*example_inputs, recorded.residual))
-    probe = count(lambda: variants.probe(*example_inputs)) if variants.probe is not None else 0
+    probe = _probe_flops(variants, example_inputs)
     flops = VariantFlops(full=full, reuse=reuse, probe=probe, partial={size: partial}, num_tokens=num_tokens, grid=grid)
-    kinds = step_kinds(config, steps)
     heads = dict(num_attention_heads=case.heads, attention_head_dim=case.head_dim)
     selection = selection_cost(num_tokens, classes.generative.numel(), classes.context.numel(), heads)
     baseline = case.branches * steps * (full + probe)
@@ -203,6 +255,10 @@ def row_for(case: FamilyCase, steps: int) -> list[str]:
     return [case.model, case.size, case.cfg, case.mask_source, "yes",
             f"{num_tokens} tokens, grid {list(grid)}; |S|/N {100 * size / num_tokens:.0f}%; partial/full "
             f"{partial / full:.2f}", f"{baseline / 1e15:.1f} -> {total / 1e15:.1f}", f"{baseline / total:.2f}x"]
+
+
+def _probe_flops(variants, example_inputs) -> int:
+    return count(lambda: variants.probe(*example_inputs)) if variants.probe is not None else 0
 
 
 def main() -> None:

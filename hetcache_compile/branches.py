@@ -96,7 +96,9 @@ class BranchTable:
     Branches belong to runs: when a branch starts a run at timestep t (a new branch, or the timestep
     went up), every branch last called at a lower timestep belongs to an earlier run (a previous
     prompt's ``cond``, say) and is dropped with its caches, its statistics kept. Names follow the
-    order branches appear in a run: ``cond``, ``uncond``, then ``branch2``, ...
+    order branches appear in a run: ``cond``, ``uncond``, then ``branch2``, ..., skipping the names
+    ``taken`` by the run's branches in other graphs of the model (the prompt with a padding mask and
+    the one without trace two graphs: Qwen-Image's true CFG).
     """
 
     NAMES = ("cond", "uncond")
@@ -113,11 +115,12 @@ class BranchTable:
         if state.scheduler.calls:
             self.last_run_calls = state.scheduler.calls
 
-    def lookup(self, key: tuple, timestep: float | None) -> BranchState:
+    def lookup(self, key: tuple, timestep: float | None,
+               taken: Callable[[], set[str]] = lambda: set()) -> BranchState:
         state = self.live.get(key)
         if state is None:
             self.drop_earlier_runs(timestep)
-            state = self._add(key)
+            state = self._add(key, taken())
         self.live.move_to_end(key)
         return state
 
@@ -141,10 +144,10 @@ class BranchTable:
         for key in list(self.live):
             self._drop(key, why)
 
-    def _add(self, key: tuple) -> BranchState:
+    def _add(self, key: tuple, taken: set[str]) -> BranchState:
         if len(self.live) >= self.max_branches:
             self._drop(next(iter(self.live)), f"max_branches={self.max_branches}")
-        used = {state.stats.name for state in self.live.values()}
+        used = {state.stats.name for state in self.live.values()} | taken
         name = next((n for n in self.NAMES if n not in used), None)
         if name is None:
             name = next(f"branch{i}" for i in range(len(self.NAMES), len(used) + len(self.NAMES) + 1)

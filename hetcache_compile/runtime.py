@@ -133,7 +133,8 @@ class HetCacheRuntime:
         instance = self.instances.get(self.layout.instance_key(args))
         instance.calls += 1
         timestep = self.layout.timestep_value(args)
-        state = instance.branches.lookup(self.layout.branch_key(args, instance.fingerprint), timestep)
+        state = instance.branches.lookup(self.layout.branch_key(args, instance.fingerprint), timestep,
+                                         taken=lambda: self._names_in_this_step(args, timestep))
         self._maybe_start_new_run(instance, state, args, timestep)
         modulation = self._run_probe(args) if self.config.schedule == "adaptive" else None
         kind = self._feasible(state, state.scheduler.next_kind(modulation))
@@ -251,6 +252,18 @@ class HetCacheRuntime:
                 state.scheduler.expected_calls = instance.branches.last_run_calls
         state.last_timestep = timestep
         state.conditioning = conditioning
+
+    def _names_in_this_step(self, args: Sequence[object], timestep: float | None) -> set[str]:
+        """Branch names this model's other graphs of the same frame (traced for other inputs, such as a
+        prompt with or without a padding mask) gave branches called at ``timestep``: a branch new
+        here is another branch of the same step."""
+        key, names = self.layout.instance_key(args), set()
+        for runtime in list(LIVE_RUNTIMES):
+            if runtime is not self and isinstance(runtime, HetCacheRuntime) and runtime.frame_id == self.frame_id:
+                instance = runtime.instances.find(key)
+                if instance is not None:
+                    names |= {s.stats.name for s in instance.branches.live.values() if s.last_timestep == timestep}
+        return names
 
     def _drop_earlier_runs_elsewhere(self, args: Sequence[object], timestep: float | None) -> None:
         """A model runs one denoising loop at a time: a run starting here at ``timestep`` drops what this

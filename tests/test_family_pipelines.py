@@ -248,3 +248,52 @@ def test_flux_fill_pipeline_reads_the_mask_image_like_vace_and_runs_partial_and_
     assert stats.token_fraction == 2 / 16 and not stats.fallback_reasons
     assert "set_mask, else the inputs ('hidden_states')" in hc.explain(pipe.transformer)
     assert torch.isfinite(image).all() and (image - expected).abs().max() < 0.5
+
+
+def _qwen_image_pipeline():
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+
+    transformer = _qwen_image_transformer()
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+                                 temperal_downsample=[False, True, True], latents_mean=[0.0] * 4,
+                                 latents_std=[1.0] * 4).eval()
+    return QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
+                             transformer=transformer)
+
+
+def _qwen_image_transformer():
+    from diffusers import QwenImageTransformer2DModel
+
+    torch.manual_seed(0)
+    return QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
+                                       attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
+                                       axes_dims_rope=(8, 4, 4)).eval()
+
+
+def _generate_qwen_image(pipe, steps: int = 6) -> torch.Tensor:
+    """True CFG (two sequential branches); the negative prompt's last 2 rows are padding."""
+    generator = torch.Generator().manual_seed(0)
+    embeds, masks = torch.randn(2, 6, 16, generator=generator), torch.ones(2, 6, dtype=torch.long)
+    masks[1, 4:] = 0
+    return pipe(prompt_embeds=embeds[:1], prompt_embeds_mask=masks[:1], negative_prompt_embeds=embeds[1:],
+                negative_prompt_embeds_mask=masks[1:], true_cfg_scale=4.0, height=64, width=64,
+                num_inference_steps=steps, output_type="pt", generator=generator).images
+
+
+def test_qwen_image_pipeline_full_schedule_matches_and_a_token_grid_mask_gives_partial_and_reuse_steps():
+    pipe = _qwen_image_pipeline()
+    expected = _generate_qwen_image(pipe)
+    transformer = pipe.transformer
+    pipe.transformer = compile_hetcache(transformer, schedule="full")
+    torch.testing.assert_close(_generate_qwen_image(pipe), expected, rtol=1e-4, atol=1e-4)
+
+    torch._dynamo.reset()
+    edit = torch.zeros(4, 4, dtype=torch.bool)  # 64 x 64 pixels: 8 x 8 latent cells, packed 2 x 2 a token
+    edit[1:3, 1:3] = True
+    hc.set_mask(transformer, edit)
+    pipe.transformer = compile_hetcache(transformer, schedule="FFPPRF")
+    image = _generate_qwen_image(pipe)
+    stats = hc.stats(pipe.transformer)
+    for name in ("cond", "uncond"):
+        assert stats.branches[name].history == ["full", "full", "partial", "partial", "reuse", "full"]
+    assert torch.isfinite(image).all() and (image - expected).abs().max() < 0.5
