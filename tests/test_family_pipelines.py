@@ -297,3 +297,42 @@ def test_qwen_image_pipeline_full_schedule_matches_and_a_token_grid_mask_gives_p
     for name in ("cond", "uncond"):
         assert stats.branches[name].history == ["full", "full", "partial", "partial", "reuse", "full"]
     assert torch.isfinite(image).all() and (image - expected).abs().max() < 0.5
+
+
+def _sd3_pipeline():
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    vae = _flux_pipeline().vae
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                                        num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                                        pooled_projection_dim=8, out_channels=4).eval()
+    return StableDiffusion3Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None,
+                                    tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
+                                    tokenizer_3=None, transformer=transformer)
+
+
+def _generate_sd3(pipe, steps: int = 6) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    embeds, pooled = torch.randn(2, 5, 16, generator=generator), torch.randn(2, 8, generator=generator)
+    return pipe(prompt_embeds=embeds[:1], negative_prompt_embeds=embeds[1:], pooled_prompt_embeds=pooled[:1],
+                negative_pooled_prompt_embeds=pooled[1:], height=64, width=64, num_inference_steps=steps,
+                guidance_scale=5.0, output_type="pt", generator=generator).images
+
+
+def test_sd3_pipeline_runs_full_and_reuse_steps_and_says_why_not_partial_ones():
+    """SD3's partial steps are refused (its family's limits say why); full steps equal the uncompiled pipeline
+    and a fixed schedule's partial steps run as full ones."""
+    pipe = _sd3_pipeline()
+    expected = _generate_sd3(pipe)
+    transformer = pipe.transformer
+    pipe.transformer = compile_hetcache(transformer, schedule="full")
+    torch.testing.assert_close(_generate_sd3(pipe), expected, rtol=1e-4, atol=1e-4)
+
+    torch._dynamo.reset()
+    pipe.transformer = compile_hetcache(transformer, schedule="FRPRRF")
+    image = _generate_sd3(pipe)
+    stats = hc.stats(pipe.transformer)
+    assert stats.branches["cond"].history == ["full", "reuse", "full", "reuse", "reuse", "full"]  # batched CFG
+    assert "no partial variant" in hc.explain(pipe.transformer) and "[sd3: " in hc.explain(pipe.transformer)
+    assert torch.isfinite(image).all() and (image - expected).abs().max() < 0.5
