@@ -73,8 +73,9 @@ def set_mask(model: torch.nn.Module, mask: torch.Tensor | None) -> None:
     ``mask`` is a token grid ``[F', H', W']`` or a pixel mask video ``[F, H, W]`` (the family's VAE
     factors, Wan's: 4x frames with the first alone, 8x pixels, then the patch), each optionally with a
     batch dimension first; an image model also takes ``[H', W']`` or ``[H, W]``. Models whose latents
-    come packed take a token grid of the model's token count in the order the pipeline packs them
-    (LTX-Video, Qwen-Image), or either form where their position ids give the grid (Flux). A
+    come packed have no grid in the graph: their position ids give it (Flux), or the mask's own shape
+    (LTX-Video, Qwen-Image: a token grid of the model's token count in the order the pipeline packs
+    them, or a pixel mask of such a grid). A
     value above 0.5 (or True) means *edit this*, in either form, and a mask that is not binary gets a
     warning. It applies to this model only (not to other instances of its class) and overrides a mask
     read from the inputs (VACE's control channels, Flux Fill's) until ``set_mask(model, None)``. Setting it starts

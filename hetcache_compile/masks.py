@@ -25,7 +25,8 @@ class MaskSource:
     """The edit mask of a call: the user's (``set_mask`` on the model the call is for), else the mask
     channels of the family's mask input (VACE's control video, Flux Fill's latents), else none
     (step-level caching only). Packed latents get their token grid from the family's position ids
-    where it has them; without, a user mask must be a token grid and margins follow the packed order.
+    where it has them; without, the shape of a user mask gives it (a token grid in packing order, or a
+    pixel mask), and a mask read from the inputs has margins along the packed order only.
 
     ``token_classes(args, say)`` returns G, M, C for the batch (the union of every sample's edit) or
     None when partial steps cannot run; ``say`` reports why once.
@@ -57,7 +58,7 @@ class MaskSource:
         user_mask = USER_MASKS.lookup(self.layout.instance_key(args))
         grid, patch = self._grid(args)
         if user_mask is not None and grid is None:
-            return mask_to_packed_tokens(user_mask, self.grid.num_tokens)
+            return mask_to_packed_tokens(user_mask, self.grid.num_tokens, patch, self.family.pixel_factors)
         if user_mask is not None:
             return mask_to_token_grid(user_mask, grid, patch, self.family.pixel_factors)
         if self.layout.control is None:

@@ -159,18 +159,41 @@ def mask_to_token_grid(mask: torch.Tensor, grid: tuple[int, int, int], patch: tu
                      f"{list(pixel_shape)} (optionally with a batch dimension first)")
 
 
-def mask_to_packed_tokens(mask: torch.Tensor, num_tokens: int) -> torch.Tensor:
+def mask_to_packed_tokens(mask: torch.Tensor, num_tokens: int, patch: tuple[int, int, int] = (1, 1, 1),
+                          pixel_factors: tuple[int, int, int] = WAN_PIXEL_FACTORS) -> torch.Tensor:
     """For models whose latents come packed (``[B, N, C]``, no grid in the graph): accept a token-grid mask
-    ``[(B,) F', H', W']`` of ``num_tokens`` tokens in the order the model packs them (frames, rows, columns).
-    Returns a bool ``[B, F', H', W']``; raises ``ValueError`` for any other size."""
+    ``[(B,) F', H', W']`` of ``num_tokens`` tokens in the order the model packs them (frames, rows, columns),
+    or a pixel mask ``[(B,) F, H, W]`` whose shape gives that grid (``patch`` latent cells a token,
+    ``pixel_factors`` pixels a cell); ``[H', W']`` or ``[H, W]`` for an image. Returns a bool
+    ``[B, F', H', W']``; raises ``ValueError`` for any other size.
+
+    >>> mask_to_packed_tokens(torch.ones(32, 48), num_tokens=6, patch=(1, 2, 2), pixel_factors=(1, 8, 8)).shape
+    torch.Size([1, 1, 2, 3])
+    """
     if isinstance(mask, torch.Tensor) and mask.dim() == 2:
         mask = mask.unsqueeze(0)  # an image: one frame
-    if not isinstance(mask, torch.Tensor) or mask.dim() not in (3, 4) or math.prod(mask.shape[-3:]) != num_tokens:
+    if isinstance(mask, torch.Tensor) and mask.dim() in (3, 4) and math.prod(mask.shape[-3:]) == num_tokens:
+        return binarize(mask if mask.dim() == 4 else mask.unsqueeze(0), "the token-grid mask")
+    valid = isinstance(mask, torch.Tensor) and mask.dim() in (3, 4)
+    grid = _grid_of_pixels(tuple(mask.shape[-3:]), patch, pixel_factors) if valid else None
+    if grid is None or math.prod(grid) != num_tokens:
         raise ValueError(f"hetcache mask of shape {list(getattr(mask, 'shape', []))} does not fit this model's input: "
                          f"its latents come packed, {num_tokens} tokens in a row, so the mask must be a token grid "
                          f"[F', H', W'] (or [H', W'] for an image) of {num_tokens} tokens, in the order the "
-                         "pipeline packs them, optionally with a batch dimension first")
-    return binarize(mask if mask.dim() == 4 else mask.unsqueeze(0), "the token-grid mask")
+                         f"pipeline packs them, or a pixel mask [F, H, W] ([H, W]) of that grid ({patch} latent "
+                         f"cells a token, {pixel_factors} pixels a cell), optionally with a batch dimension first")
+    return mask_to_token_grid(mask, grid, patch, pixel_factors)
+
+
+def _grid_of_pixels(pixels: tuple[int, int, int], patch: tuple[int, int, int],
+                    pixel_factors: tuple[int, int, int]) -> tuple[int, int, int] | None:
+    """The token grid a pixel mask of shape ``[F, H, W]`` covers (the inverse of ``expected_pixel_shape``)."""
+    frames, height, width = pixels
+    if (frames - 1) % pixel_factors[0]:
+        return None
+    latent = ((frames - 1) // pixel_factors[0] + 1, height / pixel_factors[1], width / pixel_factors[2])
+    grid = tuple(size / p for size, p in zip(latent, patch))
+    return tuple(int(g) for g in grid) if all(float(g).is_integer() and g > 0 for g in grid) else None
 
 
 class MaskStore:

@@ -398,3 +398,25 @@ def test_a_flux_mask_that_fits_neither_the_token_grid_nor_the_pixels_is_refused_
     compiled = compile_hetcache(model, schedule="FP")
     with pytest.raises(ValueError, match=r"\[1, 4, 4\].*\[1, 64, 64\]"):
         _run(compiled, _flux_inputs())
+
+
+@pytest.mark.parametrize("name, pixels_per_token, frames", [("LTXVideoTransformer3DModel", 32, 17),
+                                                            ("QwenImageTransformer2DModel", 16, None)])
+def test_packed_latents_take_a_pixel_mask_whose_shape_gives_the_token_grid(name, pixels_per_token, frames):
+    """No grid in the graph: a pixel mask's own shape gives it (LTX: 17 frames, 128 x 128 pixels are 3 x 4 x 4
+    latent cells; Qwen-Image: 64 x 64 pixels are 4 x 4 tokens), and it selects what the token grid does."""
+    row = ROWS[name]
+    edit = torch.zeros(4, 4, dtype=torch.bool)
+    edit[0, 1:] = True  # not symmetric: a transposed reading would select other tokens
+    box = edit.repeat_interleave(pixels_per_token, 0).repeat_interleave(pixels_per_token, 1)
+    pixels = box if frames is None else box.expand(frames, *box.shape)
+    outputs = []
+    for mask in (edit if frames is None else edit.expand(3, 4, 4), pixels):
+        torch._dynamo.reset()
+        model = row.build()
+        hc.set_mask(model, mask)
+        compiled = compile_hetcache(model, schedule="FP", margin_radius=1, context_ratio=0.0, margin_ratio=0.0)
+        _run(compiled, row.inputs)
+        outputs.append(_run(compiled, row.inputs))
+        assert hc.stats(model).branches["cond"].history == ["full", "partial"] and hc.stats(model).token_fraction < 1
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=0)
