@@ -113,7 +113,7 @@ class HetCacheBackend:
 
     def _fallback(self, gm: fx.GraphModule, example_inputs: Sequence[object], reason: str,
                   config: HetCacheConfig, frame_id: int, in_dynamo: bool) -> FallbackRuntime:
-        if reason not in self._warned:
+        if reason not in self._warned and _is_rank_zero():
             self._warned.add(reason)
             warnings.warn(f"hetcache: not rewriting this graph ({reason}); compiling it with plain "
                           f"{config.inner_backend}", stacklevel=4)
@@ -131,6 +131,12 @@ def _check_schedule(config: HetCacheConfig, analysis) -> None:
         raise RewriteRefused("no timestep input found (a numeric input of at most 2 dims feeding a sinusoidal "
                              "embedding), so calls cannot be told apart as steps of one denoising run and nothing "
                              "may be reused between them")
+
+
+def _is_rank_zero() -> bool:
+    """Whether this process should warn: always, unless it is not the first of a distributed run."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return not distributed or torch.distributed.get_rank() == 0
 
 
 def _frame_id() -> int:

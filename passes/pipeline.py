@@ -164,6 +164,16 @@ def _shape_key(value: object) -> object:
     return type(value)
 
 
+def _check_no_collectives(gm: fx.GraphModule) -> None:
+    """Refuse graphs that talk to other processes: a sharded graph's steps would have to agree across ranks
+    and its caches hold one shard, which the variants do not handle yet."""
+    for node in gm.graph.nodes:
+        name = getattr(node.target, "_qualified_op_name", None) or getattr(node.target, "__module__", None) or ""
+        if node.op == "call_function" and ("c10d" in name or name.startswith("torch.distributed")):
+            raise RewriteRefused(f"the graph holds distributed collectives ({name.split('::')[-1]}: context "
+                                 "parallelism); hetcache does not rewrite sharded graphs yet")
+
+
 def _check_no_symbolic_inputs(example_inputs: Sequence[object]) -> None:
     for value in example_inputs:
         if isinstance(value, torch.SymInt | torch.SymFloat) or (
@@ -182,6 +192,7 @@ def analyze(gm: fx.GraphModule, example_inputs: Sequence[object], hints: GraphHi
     if len(nodes) != len(example_inputs):
         raise RewriteRefused(f"graph has {len(nodes)} inputs but {len(example_inputs)} example inputs")
     user_inputs = {n.name for n, ex in zip(nodes, example_inputs) if not is_state_placeholder(n, ex)}
+    _check_no_collectives(gm)
 
     sites = run_pass("attention", find_attention_sites, gm, user_inputs)
     if not any(site.kind == "self" for site in sites):
