@@ -8,6 +8,30 @@ from conftest import compile_hetcache
 import hetcache_compile as hc
 
 
+PARTIAL_AND_REUSE = ["full", "full", "partial", "partial", "reuse", "full"]
+
+
+def _full_then_masked(pipe, generate, edit: torch.Tensor | None, branches=("cond",), schedule: str = "FFPPRF",
+                      history: list[str] = PARTIAL_AND_REUSE):
+    """The pipeline's full schedule equals the uncompiled pipeline; with ``edit`` given to ``set_mask``, a fixed
+    schedule gives each of ``branches`` its ``history`` and stays close to it. Returns the compiled transformer."""
+    expected = generate(pipe)
+    transformer = pipe.transformer
+    pipe.transformer = compile_hetcache(transformer, schedule="full")
+    torch.testing.assert_close(generate(pipe), expected, rtol=1e-4, atol=1e-4)
+
+    torch._dynamo.reset()
+    if edit is not None:
+        hc.set_mask(transformer, edit)
+    pipe.transformer = compile_hetcache(transformer, schedule=schedule)
+    image = generate(pipe)
+    stats = hc.stats(pipe.transformer)
+    for name in branches:
+        assert stats.branches[name].history == history
+    assert torch.isfinite(image).all() and (image - expected).abs().max() < 0.5
+    return pipe.transformer
+
+
 def _cogvideox_pipeline():
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
 
@@ -150,21 +174,9 @@ def _generate_ltx_video(pipe, steps: int = 6) -> torch.Tensor:
 
 
 def test_ltx_video_pipeline_full_schedule_matches_and_a_token_grid_mask_gives_partial_and_reuse_steps():
-    pipe = _ltx_video_pipeline()
-    expected = _generate_ltx_video(pipe)
-    transformer = pipe.transformer
-    pipe.transformer = compile_hetcache(transformer, schedule="full")
-    torch.testing.assert_close(_generate_ltx_video(pipe), expected, rtol=1e-4, atol=1e-4)
-
-    torch._dynamo.reset()
     edit = torch.zeros(3, 8, 8, dtype=torch.bool)  # packed latents: 3 latent frames of 8 x 8 cells, one token each
     edit[:, 2:6, 2:6] = True
-    hc.set_mask(transformer, edit)
-    pipe.transformer = compile_hetcache(transformer, schedule="FFPPRF")
-    video = _generate_ltx_video(pipe)
-    stats = hc.stats(pipe.transformer)
-    assert stats.branches["cond"].history == ["full", "full", "partial", "partial", "reuse", "full"]
-    assert torch.isfinite(video).all() and (video - expected).abs().max() < 0.5
+    _full_then_masked(_ltx_video_pipeline(), _generate_ltx_video, edit)
 
 
 def _flux_pipeline():
@@ -189,22 +201,12 @@ def _generate_flux(pipe, steps: int = 6) -> torch.Tensor:
                 num_inference_steps=steps, output_type="pt", generator=generator).images
 
 
-def test_flux_pipeline_full_schedule_matches_and_a_token_grid_mask_gives_partial_and_reuse_steps():
-    pipe = _flux_pipeline()
-    expected = _generate_flux(pipe)
-    transformer = pipe.transformer
-    pipe.transformer = compile_hetcache(transformer, schedule="full")
-    torch.testing.assert_close(_generate_flux(pipe), expected, rtol=1e-4, atol=1e-4)
+IMAGE_EDIT = torch.zeros(4, 4, dtype=torch.bool)  # 64 x 64 pixels: 8 x 8 latent cells, packed 2 x 2 a token
+IMAGE_EDIT[1:3, 1:3] = True
 
-    torch._dynamo.reset()
-    edit = torch.zeros(4, 4, dtype=torch.bool)  # 64 x 64 pixels: 8 x 8 latent cells, packed 2 x 2 a token
-    edit[1:3, 1:3] = True
-    hc.set_mask(transformer, edit)
-    pipe.transformer = compile_hetcache(transformer, schedule="FFPPRF")
-    image = _generate_flux(pipe)
-    stats = hc.stats(pipe.transformer)
-    assert stats.branches["cond"].history == ["full", "full", "partial", "partial", "reuse", "full"]
-    assert torch.isfinite(image).all() and (image - expected).abs().max() < 0.5
+
+def test_flux_pipeline_full_schedule_matches_and_a_token_grid_mask_gives_partial_and_reuse_steps():
+    _full_then_masked(_flux_pipeline(), _generate_flux, IMAGE_EDIT)
 
 
 def _flux_fill_pipeline():
@@ -281,22 +283,7 @@ def _generate_qwen_image(pipe, steps: int = 6) -> torch.Tensor:
 
 
 def test_qwen_image_pipeline_full_schedule_matches_and_a_token_grid_mask_gives_partial_and_reuse_steps():
-    pipe = _qwen_image_pipeline()
-    expected = _generate_qwen_image(pipe)
-    transformer = pipe.transformer
-    pipe.transformer = compile_hetcache(transformer, schedule="full")
-    torch.testing.assert_close(_generate_qwen_image(pipe), expected, rtol=1e-4, atol=1e-4)
-
-    torch._dynamo.reset()
-    edit = torch.zeros(4, 4, dtype=torch.bool)  # 64 x 64 pixels: 8 x 8 latent cells, packed 2 x 2 a token
-    edit[1:3, 1:3] = True
-    hc.set_mask(transformer, edit)
-    pipe.transformer = compile_hetcache(transformer, schedule="FFPPRF")
-    image = _generate_qwen_image(pipe)
-    stats = hc.stats(pipe.transformer)
-    for name in ("cond", "uncond"):
-        assert stats.branches[name].history == ["full", "full", "partial", "partial", "reuse", "full"]
-    assert torch.isfinite(image).all() and (image - expected).abs().max() < 0.5
+    _full_then_masked(_qwen_image_pipeline(), _generate_qwen_image, IMAGE_EDIT, branches=("cond", "uncond"))
 
 
 def _sd3_pipeline():
@@ -322,17 +309,7 @@ def _generate_sd3(pipe, steps: int = 6) -> torch.Tensor:
 
 def test_sd3_pipeline_runs_full_and_reuse_steps_and_says_why_not_partial_ones():
     """SD3's partial steps are refused (its family's limits say why); full steps equal the uncompiled pipeline
-    and a fixed schedule's partial steps run as full ones."""
-    pipe = _sd3_pipeline()
-    expected = _generate_sd3(pipe)
-    transformer = pipe.transformer
-    pipe.transformer = compile_hetcache(transformer, schedule="full")
-    torch.testing.assert_close(_generate_sd3(pipe), expected, rtol=1e-4, atol=1e-4)
-
-    torch._dynamo.reset()
-    pipe.transformer = compile_hetcache(transformer, schedule="FRPRRF")
-    image = _generate_sd3(pipe)
-    stats = hc.stats(pipe.transformer)
-    assert stats.branches["cond"].history == ["full", "reuse", "full", "reuse", "reuse", "full"]  # batched CFG
-    assert "no partial variant" in hc.explain(pipe.transformer) and "[sd3: " in hc.explain(pipe.transformer)
-    assert torch.isfinite(image).all() and (image - expected).abs().max() < 0.5
+    and a fixed schedule's partial steps run as full ones (batched CFG: one branch)."""
+    compiled = _full_then_masked(_sd3_pipeline(), _generate_sd3, None, schedule="FRPRRF",
+                                 history=["full", "reuse", "full", "reuse", "reuse", "full"])
+    assert "no partial variant" in hc.explain(compiled) and "[sd3: " in hc.explain(compiled)
