@@ -75,13 +75,12 @@ def set_mask(model: torch.nn.Module, mask: torch.Tensor | None) -> None:
     batch dimension first; an image model also takes ``[H', W']`` or ``[H, W]``. Models whose latents
     come packed have no grid in the graph: their position ids give it (Flux), or the mask's own shape
     (LTX-Video, Qwen-Image: a token grid of the model's token count in the order the pipeline packs
-    them, or a pixel mask of such a grid). A
-    value above 0.5 (or True) means *edit this*, in either form, and a mask that is not binary gets a
-    warning. It applies to this model only (not to other instances of its class) and overrides a mask
-    read from the inputs (VACE's control channels, Flux Fill's) until ``set_mask(model, None)``. Setting it starts
-    a new run. Raises ``ValueError`` naming the expected grids when the shape fits none of the
-    resolutions ``model`` was compiled for; a call at a resolution the mask does not fit raises the
-    same error.
+    them, or a pixel mask of such a grid). A value above 0.5 (or True) means *edit this*, in either
+    form, and a mask that is not binary gets a warning. It applies to this model only (not to other
+    instances of its class) and overrides a mask read from the inputs (VACE's control channels, Flux
+    Fill's) until ``set_mask(model, None)``. Setting it starts a new run. Raises ``ValueError`` naming
+    the expected grids when the shape fits none of the resolutions ``model`` was compiled for; a call
+    at a resolution the mask does not fit raises the same error.
     """
     target = _unwrap(model)
     grids = {rt.grid.grid: (rt.grid, rt.family.pixel_factors) for rt in runtimes(target)

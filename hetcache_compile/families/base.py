@@ -17,7 +17,7 @@ class MaskChannels:
     video), or, ``packed``, a ``[B, N, C]`` input with one row per token whose last ``channels`` hold
     that token's mask pixels (Flux Fill). Only inputs wider than ``channels`` carry it."""
 
-    input_name: str  # a substring of the graph input's name (Dynamo names it after the forward argument)
+    input_name: str  # the forward argument (Dynamo names the graph input after it)
     channels: int
     pixels_per_cell: tuple[int, int]
     packed: bool = False
