@@ -222,9 +222,10 @@ def row_for(case: FamilyCase, steps: int) -> list[str]:
     config = HetCacheConfig()
     kinds = step_kinds(config, steps)
     if variants.partial is None:  # partial steps run as full steps
-        full, probe = count(lambda: variants.full(*example_inputs)), _probe_flops(variants, example_inputs)
-        computed = passes.StepOutputs.of_full(variants.full(*example_inputs), num_outputs=1)
-        reuse = count(lambda: variants.reuse(*example_inputs, computed.residual))
+        outputs = []
+        full = count(lambda: outputs.extend(variants.full(*example_inputs)))
+        probe = _probe_flops(variants, example_inputs)
+        reuse = count(lambda: variants.reuse(*example_inputs, passes.StepOutputs.of_full(outputs, 1).residual))
         baseline = steps * (full + probe)
         total = sum(reuse if kind == "R" else full for kind in kinds) + steps * probe
         return [case.model, case.size, case.cfg, case.mask_source, "no (full and reuse steps)",

@@ -257,24 +257,25 @@ class HetCacheRuntime:
         """Branch names this model's other graphs of the same frame (traced for other inputs, such as a
         prompt with or without a padding mask) gave branches called at ``timestep``: a branch new
         here is another branch of the same step."""
-        key, names = self.layout.instance_key(args), set()
-        for runtime in list(LIVE_RUNTIMES):
-            if runtime is not self and isinstance(runtime, HetCacheRuntime) and runtime.frame_id == self.frame_id:
-                instance = runtime.instances.find(key)
-                if instance is not None:
-                    names |= {s.stats.name for s in instance.branches.live.values() if s.last_timestep == timestep}
-        return names
+        return {state.stats.name for runtime, instance in self._elsewhere(args) if runtime.frame_id == self.frame_id
+                for state in instance.branches.live.values() if state.last_timestep == timestep}
 
     def _drop_earlier_runs_elsewhere(self, args: Sequence[object], timestep: float | None) -> None:
         """A model runs one denoising loop at a time: a run starting here at ``timestep`` drops what this
         model's earlier runs left in its other graphs (other shapes), the branches last called below it.
         Graphs of one call (graph breaks) are called at the same timesteps and keep theirs."""
-        key = self.layout.instance_key(args)
+        for _runtime, instance in self._elsewhere(args):
+            instance.branches.drop_earlier_runs(timestep)
+
+    def _elsewhere(self, args: Sequence[object]) -> list[tuple[HetCacheRuntime, InstanceState]]:
+        """This call's model in the other rewritten graphs that have run for it: (runtime, its state there)."""
+        key, found = self.layout.instance_key(args), []
         for runtime in list(LIVE_RUNTIMES):
             if runtime is not self and isinstance(runtime, HetCacheRuntime):
                 instance = runtime.instances.find(key)
                 if instance is not None:
-                    instance.branches.drop_earlier_runs(timestep)
+                    found.append((runtime, instance))
+        return found
 
     def _token_classes(self, instance: InstanceState, args: Sequence[object]) -> TokenClasses | None:
         """G, M, C for this run; None: no partial steps."""
