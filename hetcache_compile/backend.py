@@ -23,6 +23,7 @@ from .families import family_of
 from .instances import CompiledFrom, InstanceTable, instance_position
 from .passes import RewriteRefused, Variants, analyze, build_variants, is_symbolic
 from .passes.graph_utils import output_node
+from .passes.shards import collective_name
 from .runtime import LIVE_RUNTIMES, HetCacheRuntime
 from .shapes import ShapeSpecializingRuntime
 
@@ -106,7 +107,11 @@ class HetCacheBackend:
             num_outputs = len(output_node(gm.graph).args[0])
             variants, plan = choose_cache_plan(build, example_inputs, num_outputs, config, limit)
         except RewriteRefused as refused:
-            return self._fallback(gm, example_inputs, family_of(gm).why(str(refused)), config, frame_id, in_dynamo)
+            reason = family_of(gm).why(str(refused))
+            if "context parallelism" not in reason and any(collective_name(n) for n in gm.graph.nodes):
+                reason += ("; under context parallelism pass cp_plan=hetcache_compile.cp_plan(model) to "
+                           "enable_parallelism, so that each rank's model traces as one graph")
+            return self._fallback(gm, example_inputs, reason, config, frame_id, in_dynamo)
         logger.info("hetcache rewrote a graph of %d nodes:\n%s%s", len(gm.graph.nodes), analysis.report(),
                     f"\n{plan.describe()}" if plan is not None else "")
         return HetCacheRuntime(gm, example_inputs, analysis, variants, config, frame_id=frame_id, plan=plan)

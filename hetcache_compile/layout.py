@@ -64,6 +64,13 @@ class InputLayout:
     def instance_key(self, args: Sequence[object]) -> torch.Tensor | None:
         return None if self.instance is None else args[self.instance]
 
+    def device(self, args: Sequence[object]) -> torch.device:
+        """Where the model runs: the device of its parameter (or of the first tensor argument)."""
+        tensor = self.instance_key(args)
+        if tensor is None:
+            tensor = next(a for a in args if isinstance(a, torch.Tensor))
+        return tensor.device
+
     def timestep_value(self, args: Sequence[object]) -> float | None:
         return None if self.timestep is None else float(args[self.timestep].flatten()[0])
 

@@ -33,6 +33,7 @@ from .passes.offload import wait_for_host_copies
 from .priors import TokenClasses
 from .schedule import StepKind, make_scheduler
 from .selection import complement, relevance, select_tokens
+from .sharding import RankGroup, select_shard_tokens
 from .stats import BranchStats
 
 logger = logging.getLogger("hetcache_compile")
@@ -91,6 +92,7 @@ class HetCacheRuntime:
         self.grid = analysis.token_grid
         self.probe = variants.probe
         self.instances: InstanceTable[InstanceState] = InstanceTable(self._new_instance)
+        self.ranks = RankGroup.of(analysis.shards) if analysis.shards is not None else None
         LIVE_RUNTIMES.add(self)
 
     @property
@@ -138,6 +140,8 @@ class HetCacheRuntime:
         self._maybe_start_new_run(instance, state, args, timestep)
         modulation = self._run_probe(args) if self.config.schedule == "adaptive" else None
         kind = self._feasible(state, state.scheduler.next_kind(modulation))
+        if self.ranks is not None:
+            kind = self.ranks.agree(kind, self.layout.device(args))
         try:
             with torch.profiler.record_function(f"hetcache::{kind.value}"):
                 if kind is StepKind.REUSE:
@@ -189,9 +193,8 @@ class HetCacheRuntime:
         if state.pending_selection is not None:  # chosen lazily: runs that never go partial skip it
             with torch.profiler.record_function("hetcache::select"):
                 query, key = state.pending_selection
-                state.selection = self._select(state.classes, query, key, state.exit)
+                state.selection, state.context = self._select(state.classes, query, key, state.exit)
                 if self.config.prune == "block":  # the partial variant reads the context rows only
-                    state.context = complement(state.selection, state.classes.num_tokens)
                     self._keep_context_rows(state)
             state.pending_selection = None
         extra = partial_arguments(state.selection, state.exit, state.context, state.site_caches, self.config.prune,
@@ -199,7 +202,7 @@ class HetCacheRuntime:
         step = StepOutputs.of_partial(self.partial(*args, *extra), self.layout.num_outputs)
         # block pruning keeps the context caches of the last full step; attention pruning returns new ones
         state.store(step.residual, step.exit, step.caches if self.config.prune == "attention" else state.site_caches)
-        state.stats.token_fractions.append(state.selection.numel() / state.classes.num_tokens)
+        state.stats.token_fractions.append(state.selection.numel() / state.exit.shape[1])
         return step.model
 
     def _keep_context_rows(self, state: BranchState) -> None:
@@ -219,13 +222,20 @@ class HetCacheRuntime:
                 caches[i] = cache.index_select(cache.dim() - 2, rows)
 
     def _select(self, classes: TokenClasses, query: torch.Tensor, key: torch.Tensor,
-                exit: torch.Tensor) -> torch.Tensor:
+                exit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """S (the rows of ``exit`` the partial variant computes) and the context rows of the caches."""
         cfg = self.config
         scores = relevance(query, key, classes.generative)
         hidden = exit.float().mean(dim=0)
-        chosen = select_tokens(classes, scores, hidden, cfg.context_ratio, cfg.margin_ratio, cfg.num_clusters,
-                               cfg.size_buckets)
-        return chosen.to(exit.device)
+        if self.ranks is None:
+            chosen = select_tokens(classes, scores, hidden, cfg.context_ratio, cfg.margin_ratio, cfg.num_clusters,
+                                   cfg.size_buckets).to(exit.device)
+            return chosen, complement(chosen, classes.num_tokens)
+        ranks = self.ranks  # this rank's heads scored every token: average the scores over all heads
+        chosen = select_shard_tokens(classes, ranks.mean(scores), hidden, ranks.rank, ranks.world, cfg.context_ratio,
+                                     cfg.margin_ratio, cfg.num_clusters, cfg.size_buckets).to(exit.device)
+        everyone = ranks.all_gather(chosen + ranks.rank * exit.shape[1])
+        return chosen, complement(everyone, classes.num_tokens)
 
     def _run_probe(self, args: Sequence[object]) -> torch.Tensor:
         with torch.profiler.record_function("hetcache::probe"):

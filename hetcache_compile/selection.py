@@ -63,9 +63,10 @@ def proportional_quotas(sizes: torch.Tensor, budget: int) -> torch.Tensor:
 
 
 def select_context(context: torch.Tensor, scores: torch.Tensor, hidden: torch.Tensor, ratio: float,
-                   num_clusters: int) -> torch.Tensor:
-    """Pick ``round(ratio * |C|)`` context tokens: quotas by cluster size, most relevant first."""
-    budget = round(ratio * context.numel())
+                   num_clusters: int, budget: int | None = None) -> torch.Tensor:
+    """Pick ``round(ratio * |C|)`` context tokens (or ``budget``, at most |C|): quotas by cluster size, most
+    relevant first."""
+    budget = round(ratio * context.numel()) if budget is None else min(budget, context.numel())
     if budget == 0 or context.numel() == 0:
         return context[:0]
     labels = kmeans(hidden[context.to(hidden.device)], num_clusters).cpu()

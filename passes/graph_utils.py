@@ -18,8 +18,12 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-_DYNAMO_MODULE_PREFIX = re.compile(r"^L\['self'\]\.?")
+# the model is L['self'], or, in a frame resumed inside a diffusers hook (context parallelism), the bound
+# forward's owner: L['function_reference'].forward.__self__
+_DYNAMO_MODULE_PREFIX = re.compile(r"^L\['[^']+'\](?:\.forward\.__self__)?\.?")
 _DICT_MODULES = re.compile(r"__dict__\['_modules'\]\['([^']+)'\]")
+# a submodule reached through a diffusers hook's forward wrapper: blocks.0.forward.func.__closure__.0.cell_contents...
+_HOOKED_FORWARD = re.compile(r"\.forward\.func\.__closure__\.\d+\.cell_contents(?:\.forward\.__self__)?")
 _BLOCK_PATH = re.compile(r"^(?P<stack>[A-Za-z_][\w.]*?)\.(?P<index>\d+)$")
 
 
@@ -29,6 +33,7 @@ def normalize_module_path(raw: str) -> str:
     path = _DYNAMO_MODULE_PREFIX.sub("", path)
     path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
     path = re.sub(r"\[(\d+)\]", r".\1", path)
+    path = _HOOKED_FORWARD.sub("", path)
     return path.strip(".")
 
 
@@ -73,9 +78,12 @@ def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
 
 def is_state_placeholder(node: fx.Node, example: object) -> bool:
     """True for placeholders that carry module parameters or buffers rather than user inputs."""
-    if isinstance(example, torch.nn.Parameter):
-        return True
-    return node.name.startswith("l_self_") or "_buffers_" in node.name or "_parameters_" in node.name
+    return isinstance(example, torch.nn.Parameter) or is_state_placeholder_name(node.name)
+
+
+def is_state_placeholder_name(name: str) -> bool:
+    """Whether Dynamo's name for a placeholder is that of a module's parameter or buffer."""
+    return name.startswith("l_self_") or "_buffers_" in name or "_parameters_" in name
 
 
 def placeholders(graph: fx.Graph) -> list[fx.Node]:
@@ -153,12 +161,19 @@ def mutated_argument(node: fx.Node) -> fx.Node | None:
     return target if isinstance(target, fx.Node) else None
 
 
+def _is_collective(node: fx.Node) -> bool:
+    return "_c10d_functional" in (getattr(node.target, "_qualified_op_name", None) or "")
+
+
 def prune_dead_nodes(graph: fx.Graph) -> int:
     """Delete nodes nothing live depends on; edits ``graph`` in place and returns how many went.
 
     Unlike ``Graph.eliminate_dead_code`` this understands in-place writes into tensors that
     are themselves dead (Wan's RoPE writes with ``out[..., 0::2] = ...``), which FX keeps
-    forever because ``operator.setitem`` is marked side-effectful.
+    forever because ``operator.setitem`` is marked side-effectful. Functional collectives
+    (``_c10d_functional``, context parallelism) whose result nothing reads go too: every rank runs
+    the same variant, so every rank drops the same ones (a reuse step skips the block stack's
+    all-to-alls on all of them).
     """
     live: set[fx.Node] = set()
     changed = True
@@ -172,7 +187,7 @@ def prune_dead_nodes(graph: fx.Graph) -> int:
                 node.op in ("output", "placeholder")
                 or any(user in live for user in node.users)
                 or (mutated is not None and mutated in live)
-                or (mutated is None and node.op != "get_attr" and node.is_impure())
+                or (mutated is None and node.op != "get_attr" and node.is_impure() and not _is_collective(node))
             )
             if needed:
                 live.add(node)

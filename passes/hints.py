@@ -21,8 +21,11 @@ from dataclasses import dataclass
 
 
 def names_argument(placeholder: str, argument: str) -> bool:
-    """Whether Dynamo named ``placeholder`` after the forward argument ``argument`` (or an element of it)."""
-    return re.fullmatch(rf"l_(kwargs_)?{re.escape(argument)}(_\d+)*_", placeholder, flags=re.IGNORECASE) is not None
+    """Whether Dynamo named ``placeholder`` after the forward argument ``argument`` (or an element of it).
+    In a frame resumed after a diffusers hook's pre-forward (context parallelism) the keyword arguments are
+    the second item of the hook's result: ``l_stack0_1_<argument>_``."""
+    pattern = rf"l_(kwargs_|stack\d+_1_)?{re.escape(argument)}(_\d+)*_"
+    return re.fullmatch(pattern, placeholder, flags=re.IGNORECASE) is not None
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,10 @@ device while the attention before it runs (``offload.py``). It:
    never cached;
 3. scatters the region exit into the cached exit and runs the epilogue on all tokens.
 
+Under context parallelism (``shards``, Ulysses) the region runs on this rank's shard: ``hetcache_index``
+selects this rank's rows of S (every rank as many), the all-to-alls carry |S| rows, and the context caches
+hold this rank's heads of every rank's context tokens (attention's layout after the all-to-all).
+
 Attention without a mask does not depend on the order of its keys, so appending the fresh rows
 gives the same result as writing them back in place, and a partial step never rewrites an
 N-row cache (an ``index_copy`` per site cost more than the attention it saved on CPU). Sites with
@@ -61,6 +65,7 @@ from .graph_utils import (
 )
 from .offload import fetch
 from .recompute import copy_projection, projection_source
+from .shards import ShardLayout
 from .token_axis import GATHER_PREFIX
 from .token_region import TokenRegion
 from .token_sizes import size_tokens_at_run_time
@@ -78,7 +83,7 @@ def set_attention_operand(node: fx.Node, index: int, name: str, value: fx.Node) 
 def build_partial_variant(gm: fx.GraphModule, region: TokenRegion, token_inputs: dict[str, int],
                           sites: Sequence[str], codec: CacheCodec = CacheCodec(),
                           recompute: bool = False, offload: bool = False,
-                          key_offsets: Mapping[str, int] = {}) -> fx.GraphModule:
+                          key_offsets: Mapping[str, int] = {}, shards: ShardLayout | None = None) -> fx.GraphModule:
     partial = copy_graph_module(gm)
     graph = partial.graph
     by_name = {n.name: n for n in graph.nodes}
@@ -100,7 +105,7 @@ def build_partial_variant(gm: fx.GraphModule, region: TokenRegion, token_inputs:
                 at_context[gathered] = graph.call_function(torch.index_select,
                                                            (source, dim, inputs[CONTEXT_INDEX_INPUT]))
 
-    size_tokens_at_run_time(graph, region)
+    size_tokens_at_run_time(graph, region, shards)
     site_nodes = [by_name[name] for name in sites]
     for j, site in enumerate(site_nodes):
         _refuse_masked_attention(site)

@@ -18,13 +18,21 @@ import torch.fx as fx
 from .attention import AttentionSite, attention_operand, find_attention_sites
 from .cache_codec import CacheCodec
 from .errors import PassFailed, RewriteRefused
-from .graph_utils import ancestors, example_value, is_state_placeholder, output_node, placeholders
+from .graph_utils import (
+    ancestors,
+    example_value,
+    is_state_placeholder,
+    is_state_placeholder_name,
+    output_node,
+    placeholders,
+)
 from .hints import GraphHints
 from .partial import build_attention_partial_variant, build_partial_variant
 from .probe import ModulationSignal, extract_probe, find_modulation, find_timestep_input
 from .recompute import projection_source
 from .record import build_full_variant
 from .reuse import build_reuse_variant
+from .shards import ShardLayout, find_shards
 from .token_axis import (
     TokenGrid,
     check_token_local,
@@ -53,6 +61,7 @@ class GraphAnalysis:
     token_inputs: dict[str, int]  # region input -> token dim; empty when partial steps are refused
     token_grid: TokenGrid | None = None
     partial_refused: str | None = None
+    shards: ShardLayout | None = None  # context parallelism: the region runs on one rank's shard of the tokens
 
     @property
     def self_sites(self) -> tuple[AttentionSite, ...]:
@@ -90,6 +99,10 @@ class GraphAnalysis:
             f"shape {list(r.exit_shape)}",
             f"  activations entering it: {', '.join(self._activation_inputs())}",
         ]
+        if self.shards is not None:
+            lines.append(f"context parallelism: Ulysses over {self.shards.world} ranks (process group "
+                         f"{self.shards.group!r}); the stack runs on this rank's {r.num_tokens} of "
+                         f"{r.num_tokens * self.shards.world} tokens")
         lines.append(f"timestep input: {self.timestep_input or 'none found (no runs of steps: nothing is reused)'}")
         if self.modulation is None:
             lines.append("timestep-embedding probe: none found (adaptive schedule unavailable)")
@@ -108,8 +121,8 @@ class GraphAnalysis:
         return "\n".join(lines)
 
     def _activation_inputs(self) -> list[str]:
-        """Region inputs other than parameters and buffers (those are named ``l_self_...``)."""
-        return [name for name in self.region.inputs if not name.startswith("l_self_")]
+        """Region inputs other than parameters and buffers."""
+        return [name for name in self.region.inputs if not is_state_placeholder_name(name)]
 
 
 @dataclass
@@ -164,16 +177,6 @@ def _shape_key(value: object) -> object:
     return type(value)
 
 
-def _check_no_collectives(gm: fx.GraphModule) -> None:
-    """Refuse graphs that talk to other processes: a sharded graph's steps would have to agree across ranks
-    and its caches hold one shard, which the variants do not handle yet."""
-    for node in gm.graph.nodes:
-        name = getattr(node.target, "_qualified_op_name", None) or getattr(node.target, "__module__", None) or ""
-        if node.op == "call_function" and ("c10d" in name or name.startswith("torch.distributed")):
-            raise RewriteRefused(f"the graph holds distributed collectives ({name.split('::')[-1]}: context "
-                                 "parallelism); hetcache does not rewrite sharded graphs yet")
-
-
 def _check_no_symbolic_inputs(example_inputs: Sequence[object]) -> None:
     for value in example_inputs:
         if isinstance(value, torch.SymInt | torch.SymFloat) or (
@@ -192,13 +195,13 @@ def analyze(gm: fx.GraphModule, example_inputs: Sequence[object], hints: GraphHi
     if len(nodes) != len(example_inputs):
         raise RewriteRefused(f"graph has {len(nodes)} inputs but {len(example_inputs)} example inputs")
     user_inputs = {n.name for n, ex in zip(nodes, example_inputs) if not is_state_placeholder(n, ex)}
-    _check_no_collectives(gm)
 
     sites = run_pass("attention", find_attention_sites, gm, user_inputs)
     if not any(site.kind == "self" for site in sites):
         raise RewriteRefused("no self-attention found in the graph (scaled_dot_product_attention whose keys come "
                              "from the inputs its queries come from); hetcache rewrites transformer block stacks")
     region = run_pass("token_region", find_token_region, gm, user_inputs)
+    shards = run_pass("shards", find_shards, gm, region)
     outside = [s for s in sites if s.node not in region.nodes]
     if outside:
         raise RewriteRefused(f"attention '{outside[0].module}' lies outside the block stack")
@@ -206,7 +209,8 @@ def analyze(gm: fx.GraphModule, example_inputs: Sequence[object], hints: GraphHi
     modulation = run_pass("probe", find_modulation, gm, region, user_inputs, timestep_input)
     text_inputs = _text_inputs(gm, sites, user_inputs, region, timestep_input, hints)
     token_inputs, partial_refused = {}, None
-    token_grid = run_pass("token_grid", find_token_grid, gm, region, user_inputs, hints)
+    token_grid = run_pass("token_grid", find_token_grid, gm, region, user_inputs, hints,
+                          shards.world if shards else 1)
     try:
         token_inputs = run_pass("token_axis", find_token_inputs, gm, region, user_inputs, hints)
         if token_grid is None:
@@ -223,6 +227,7 @@ def analyze(gm: fx.GraphModule, example_inputs: Sequence[object], hints: GraphHi
         token_inputs=token_inputs,
         token_grid=token_grid,
         partial_refused=partial_refused,
+        shards=shards,
     )
 
 
@@ -296,6 +301,10 @@ def _build_checked_partial(gm: fx.GraphModule, analysis: GraphAnalysis, example_
     by_name = {n.name: n for n in gm.graph.nodes}
     tokens = analysis.region.num_tokens
     selected = max(1, tokens - 1)
+    world = analysis.shards.world if analysis.shards else 1  # attention sees every rank's tokens
+    if analysis.shards and (recompute or prune == "attention"):
+        raise RewriteRefused("under context parallelism partial steps store keys and values (prune='block', "
+                             "recompute_kv=False): the keys are projected on another rank's shard")
     exit_value = by_name[analysis.region.exit].meta["example_value"]
     extra = {
         "hetcache_index": torch.arange(selected, device=exit_value.device),
@@ -311,7 +320,7 @@ def _build_checked_partial(gm: fx.GraphModule, analysis: GraphAnalysis, example_
         for operand, (position, keyword) in (("k", (1, "key")), ("v", (2, "value"))):
             value = attention_operand(site, position, keyword).meta["example_value"]
             names = codec.names(f"hetcache_{operand}{j}")
-            extra.update(zip(names, codec.empty_like(value, tokens - selected)))
+            extra.update(zip(names, codec.empty_like(value, world * (tokens - selected))))
         extra[f"hetcache_a{j}"] = _empty_like_meta(site)
     if prune == "attention":
         joined = [site for site in analysis.self_sites if site.num_queries != tokens]
@@ -322,25 +331,26 @@ def _build_checked_partial(gm: fx.GraphModule, analysis: GraphAnalysis, example_
         partial = build_attention_partial_variant(gm, analysis.region, sites)
         propagate_fake_shapes(partial, placeholder_examples(partial, example_inputs, extra))
         return partial  # only attention queries shrink: nothing else can mix tokens
-    partial = build_partial_variant(gm, analysis.region, analysis.token_inputs, sites, codec, recompute, offload)
+    partial = build_partial_variant(gm, analysis.region, analysis.token_inputs, sites, codec, recompute, offload,
+                                    shards=analysis.shards)
     try:
         propagate_fake_shapes(partial, placeholder_examples(partial, example_inputs, extra))
     except Exception as error:  # noqa: BLE001 - a shape error here means a hard-coded token count
         raise RewriteRefused(f"the block stack does not run on a subset of tokens: {type(error).__name__}: "
                              f"{str(error).splitlines()[0][:200]}") from error
-    carries = check_token_local(gm, partial, analysis.region, selected)
+    carries = check_token_local(gm, partial, analysis.region, selected, world)
     partial.meta[TOKEN_ROWS] = rows = {}
     for name in sites:
         for position, keyword in ((0, "query"), (1, "key")):
             operand = attention_operand(by_name[name], position, keyword)
-            rows[operand.name] = token_rows(gm.graph, operand, carries, tokens)
+            rows[operand.name] = token_rows(gm.graph, operand, carries, tokens * world)
     masked = {name: rows[attention_operand(by_name[name], 1, "key").name][0] for name in sites
               if attention_operand(by_name[name], 3, "attn_mask") is not None}
     if any(masked.values()):  # text rows before the tokens under a key-padding mask: cached rows go after them
         partial = build_partial_variant(gm, analysis.region, analysis.token_inputs, sites, codec, recompute, offload,
-                                        key_offsets=masked)
+                                        key_offsets=masked, shards=analysis.shards)
         propagate_fake_shapes(partial, placeholder_examples(partial, example_inputs, extra))
-        check_token_local(gm, partial, analysis.region, selected)
+        check_token_local(gm, partial, analysis.region, selected, world)
         partial.meta[TOKEN_ROWS] = rows
     if recompute and any(extra for _offset, extra in rows.values()):
         raise RewriteRefused("recompute_kv: the keys attend over text rows joined to the tokens, which a "

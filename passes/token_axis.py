@@ -102,20 +102,22 @@ class TokenGrid:
 
 
 def find_token_grid(gm: fx.GraphModule, region: TokenRegion, user_inputs: set[str],
-                    hints: GraphHints = GraphHints()) -> TokenGrid | None:
+                    hints: GraphHints = GraphHints(), world: int = 1) -> TokenGrid | None:
     """The 5-D latent input of the token stream and the patch grid it is cut into, if any.
 
     The grid is read from the 5-D patchified tensor the stream is computed from (``[B, C, F', H', W']``
     after a 3-D patch embedding); latents laid out frames first (``hints.frames_first``), patchified
     frame by frame, get the one patch of 1-2 frames and 1-8 cells whose grid has ``num_tokens``.
-    ``latent_shape`` is always ``[B, C, F, H, W]``."""
+    ``latent_shape`` is always ``[B, C, F, H, W]``. Under context parallelism the region holds one of
+    ``world`` shards of the tokens; the grid is that of all of them."""
+    num_tokens = region.num_tokens * world
     stream = next(n for n in gm.graph.nodes if n.name == region.stream_input)
     found = ancestors([stream])
     latents = [n for n in found if n.op == "placeholder" and n.name in user_inputs
                and len(tensor_shape(n) or ()) == 5]
-    packed = [n for n in found if n.op == "placeholder" and _is_packed_latent(n, user_inputs, region.num_tokens)]
+    packed = [n for n in found if n.op == "placeholder" and _is_packed_latent(n, user_inputs, num_tokens)]
     if not latents and len(packed) == 1:
-        return TokenGrid(packed[0].name, tensor_shape(packed[0]), None, None, region.num_tokens)
+        return TokenGrid(packed[0].name, tensor_shape(packed[0]), None, None, num_tokens)
     if len(latents) != 1:
         return None
     latent_shape = tensor_shape(latents[0])
@@ -124,16 +126,16 @@ def find_token_grid(gm: fx.GraphModule, region: TokenRegion, user_inputs: set[st
         latent_shape = (batch, channels, frames, height, width)
         grids = [tuple(size // p for size, p in zip(latent_shape[2:], patch)) for patch in _FRAME_PATCHES
                  if all(size % p == 0 for size, p in zip(latent_shape[2:], patch))]
-        grids = [grid for grid in grids if math.prod(grid) == region.num_tokens]
+        grids = [grid for grid in grids if math.prod(grid) == num_tokens]
     else:
         grids = [tuple(tensor_shape(n)[2:]) for n in found if n.op != "placeholder"
-                 and len(tensor_shape(n) or ()) == 5 and math.prod(tensor_shape(n)[2:]) == region.num_tokens]
+                 and len(tensor_shape(n) or ()) == 5 and math.prod(tensor_shape(n)[2:]) == num_tokens]
     if not grids or any(size % g for size, g in zip(latent_shape[2:], grids[0])):
         return None
     grid = grids[0]
     patch = tuple(size // g for size, g in zip(latent_shape[2:], grid))
     return TokenGrid(latent_input=latents[0].name, latent_shape=latent_shape, grid=grid, patch=patch,
-                     num_tokens=region.num_tokens)
+                     num_tokens=num_tokens)
 
 
 def _is_packed_latent(node: fx.Node, user_inputs: set[str], num_tokens: int) -> bool:
@@ -156,12 +158,18 @@ def propagate_fake_shapes(gm: fx.GraphModule, example_inputs: Sequence[object]) 
         FakeTensorProp(gm, mode).propagate(*fakes)
 
 
-def _token_dims(original: tuple[int, ...], new: tuple[int, ...], tokens: int, selected: int) -> list[int]:
+def _token_dims(original: tuple[int, ...], new: tuple[int, ...], tokens: int, selected: int,
+                world: int = 1) -> list[int]:
     """The extra (non-token) rows of each dim that lost exactly the unselected tokens: 0 for a pure
-    token axis, the text rows for a text + image sequence."""
+    token axis, the text rows for a text + image sequence. Under context parallelism (``world`` > 1) a dim
+    of every rank's tokens, or a flat dim of ``k`` values per token, lost ``world`` or ``k`` times as many."""
     if len(original) != len(new):
         return []
-    return [a - tokens for a, b in zip(original, new) if a >= tokens and a - b == tokens - selected]
+    dims = [a - tokens for a, b in zip(original, new) if a >= tokens and a - b == tokens - selected]
+    if world > 1:
+        dims += [0 for a, b in zip(original, new) if a - b > tokens - selected
+                 and (a - b) % (tokens - selected) == 0 and a == (a - b) // (tokens - selected) * tokens]
+    return dims
 
 
 _ROW_SELECTIONS = {operator.getitem, torch.narrow, "narrow"}
@@ -175,9 +183,10 @@ def _selects_extra_rows(node: fx.Node, shape: tuple[int, ...], unchanged: bool, 
 
 
 def check_token_local(original: fx.GraphModule, rewritten: fx.GraphModule, region: TokenRegion,
-                      num_selected: int) -> dict[str, list[int]]:
+                      num_selected: int, world: int = 1) -> dict[str, list[int]]:
     """Returns, for each region node, the extra rows of its token axes (``_token_dims``; empty when it
-    carries no tokens), for ``token_rows``."""
+    carries no tokens), for ``token_rows``. With ``world`` > 1 ranks (context parallelism) an axis may also
+    hold every rank's tokens (after an all-to-all), and a flat one several values per token (sent by one)."""
     tokens = region.num_tokens
     before = {n.name: example_value(n) for n in original.graph.nodes}
     carries: dict[str, list[int]] = {}
@@ -192,7 +201,7 @@ def check_token_local(original: fx.GraphModule, rewritten: fx.GraphModule, regio
             carries[node.name] = sorted(extras)  # tuples (chunk, unbind, split): their items decide
             continue
         old_shape, new_shape = tuple(old.shape), tuple(value.shape)
-        carries[node.name] = _token_dims(old_shape, new_shape, tokens, num_selected)
+        carries[node.name] = _token_dims(old_shape, new_shape, tokens, num_selected, world)
         if (reads_tokens and not carries[node.name]
                 and not _selects_extra_rows(node, old_shape, old_shape == new_shape, extras)):
             raise RewriteRefused(

@@ -65,6 +65,19 @@ def _follow_residual_adds(node: fx.Node) -> fx.Node:
     return node
 
 
+def _in_block(node: fx.Node) -> bool:
+    """Owned by a block, and not the context-parallel split diffusers' hook on the block does before it
+    (``chunk`` of a token tensor ``[B, N, C]`` from outside the block, and the item of it this rank keeps)."""
+    block = owning_block(node)
+    if block is None:
+        return False
+    if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    is_split = node.target in ("chunk", torch.chunk, "tensor_split", torch.tensor_split)
+    source = node.args[0] if is_split else None
+    return not (isinstance(source, fx.Node) and owning_block(source) != block and len(tensor_shape(source) or ()) == 3)
+
+
 def _depends_on_region(node: fx.Node, region: set[fx.Node]) -> bool:
     return any(arg in region for arg in node.all_input_nodes)
 
@@ -72,7 +85,7 @@ def _depends_on_region(node: fx.Node, region: set[fx.Node]) -> bool:
 def find_token_region(gm: fx.GraphModule, user_inputs: set[str] | None = None) -> TokenRegion:
     nodes = list(gm.graph.nodes)
     position = {n: i for i, n in enumerate(nodes)}
-    block_nodes = [n for n in nodes if owning_block(n) is not None and n.op != "placeholder"]
+    block_nodes = [n for n in nodes if _in_block(n) and n.op != "placeholder"]
     if not block_nodes:
         raise RewriteRefused("no repeated transformer blocks ('<stack>.<index>' modules) in the graph")
 
@@ -87,7 +100,7 @@ def find_token_region(gm: fx.GraphModule, user_inputs: set[str] | None = None) -
     start, stop = position[block_nodes[0]], position[exit_node]
     region: set[fx.Node] = set()
     for node in nodes[start : stop + 1]:
-        if owning_block(node) is not None or _depends_on_region(node, region):
+        if _in_block(node) or _depends_on_region(node, region):
             region.add(node)
     # the last block may go on after the exit on a stream nothing reads (CogVideoX's text stream)
     region.update(node for node in nodes[stop + 1:] if owning_block(node) is not None and node.op != "placeholder")

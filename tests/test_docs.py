@@ -8,7 +8,7 @@ import pytest
 MODULES = ["hetcache_compile.config", "hetcache_compile.schedule", "hetcache_compile.priors", "hetcache_compile.api",
            "hetcache_compile.instances", "hetcache_compile.passes.specialize", "hetcache_compile.passes.cache_codec",
            "hetcache_compile.memory", "hetcache_compile.passes.variant_io", "hetcache_compile.families",
-           "hetcache_compile.passes.hints", "hetcache_compile.parallel"]
+           "hetcache_compile.passes.hints", "hetcache_compile.parallel", "hetcache_compile.sharding"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -19,7 +19,9 @@ from models import tiny_vace_transformer, transformer_inputs
 import hetcache_compile as hc
 
 WORLD, TIMEOUT_S = 2, 240
-TIMESTEPS = (900.0, 800.0, 700.0, 600.0)
+TOKEN_EDIT = torch.zeros(3, 4, 4)
+TOKEN_EDIT[:, 1:3, 0:2] = 1  # in both ranks' shards (each holds whole frames)
+TIMESTEPS = (900.0, 800.0, 700.0, 600.0, 500.0, 400.0, 300.0, 200.0)
 
 
 def _inputs(timestep: float) -> dict:
@@ -64,10 +66,35 @@ def _entry(rank: int, port: int, results, worker, args) -> None:
             dist.destroy_process_group()
 
 
-def _parallel_vace():
+def _tiny_wan():
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16,
+                                 out_channels=16, text_dim=32, freq_dim=32, ffn_dim=32, num_layers=2,
+                                 cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32).eval()
+
+
+def _model(family: str) -> torch.nn.Module:
+    """WanVACE (its inputs carry the mask) or Wan text-to-video (``set_mask``; diffusers' own plan)."""
+    if family == "vace":
+        return tiny_vace_transformer()
+    model = _tiny_wan()
+    hc.set_mask(model, TOKEN_EDIT)
+    return model
+
+
+def _family_inputs(family: str, timestep: float) -> dict:
+    inputs = _inputs(timestep)
+    if family == "wan":
+        inputs.pop("control_hidden_states")
+    return inputs
+
+
+def _parallel_vace(family: str = "vace"):
     from diffusers import ContextParallelConfig
 
-    model = tiny_vace_transformer()
+    model = _model(family)
     model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=WORLD), cp_plan=hc.cp_plan(model))
     return model
 
@@ -80,16 +107,19 @@ def _eager_and_plain_compiled(rank: int) -> dict:
     return {"eager": eager.numpy(), "compiled": compiled.numpy()}
 
 
-def _hetcache(rank: int) -> dict:
-    model = _parallel_vace()
-    compiled = torch.compile(model, backend="hetcache", options={"inner_backend": "aot_eager", "schedule": "FPRP"})
+def _hetcache_run(rank: int, schedules: tuple[str, ...], options: dict, family: str = "vace") -> dict:
+    """A hetcache model with rank r's schedule ``schedules[r]``, called at ``TIMESTEPS``."""
+    model = _parallel_vace(family)
+    compiled = torch.compile(model, backend="hetcache",
+                             options={"inner_backend": "aot_eager", "schedule": schedules[rank], **options})
     with warnings.catch_warnings(record=True) as caught, torch.no_grad():
         warnings.simplefilter("always")
-        outputs = [compiled(**_inputs(t), return_dict=False)[0].numpy() for t in TIMESTEPS]
+        outputs = [compiled(**_family_inputs(family, t), return_dict=False)[0].numpy() for t in TIMESTEPS]
     said = [str(w.message) for w in caught if str(w.message).startswith("hetcache")]
     stats = hc.stats(model)
-    return {"outputs": outputs, "said": said, "graphs": stats.graphs,
-            "rewritten": stats.graphs - len(stats.fallback_reasons)}
+    branch = next(iter(stats.branches.values()))
+    return {"outputs": outputs, "said": said, "graphs": stats.graphs, "refused": stats.fallback_reasons,
+            "history": branch.history, "fractions": branch.token_fractions}
 
 
 def _single_process(timestep: float) -> torch.Tensor:
@@ -104,15 +134,80 @@ def test_the_wan_vace_plan_equals_one_process_in_eager_and_plain_compiled_ulysse
     torch.testing.assert_close(torch.from_numpy(result["compiled"]), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_hetcache_under_context_parallelism_compiles_unchanged_exactly_and_says_why_on_rank_zero_only():
-    """Partial and reuse steps under context parallelism are issue 15: until then every sharded graph is refused
-    (a schedule that skips still gives full-step outputs) with the reason warned on rank 0 only."""
-    result, other = _spawn(_hetcache)
+def _single_process_hetcache(schedule: str, options: dict, family: str = "vace") -> list[torch.Tensor]:
+    model = _model(family)
+    compiled = torch.compile(model, backend="hetcache",
+                             options={"inner_backend": "aot_eager", "schedule": schedule, **options})
+    with torch.no_grad():
+        return [compiled(**_family_inputs(family, t), return_dict=False)[0] for t in TIMESTEPS]
+
+
+ALL_TOKENS = {"context_ratio": 1.0, "margin_ratio": 1.0}
+
+
+def test_schedule_full_under_ulysses_equals_one_eager_process_in_one_rewritten_graph_per_rank():
+    for result in _spawn(_hetcache_run, ("full", "full"), {}):
+        assert result["graphs"] == 1 and result["refused"] == [] and result["said"] == []
+        for output, timestep in zip(result["outputs"], TIMESTEPS):
+            torch.testing.assert_close(torch.from_numpy(output), _single_process(timestep), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["vace", "wan"])
+def test_a_fixed_schedule_gives_every_rank_the_same_history_and_the_single_process_outputs(family):
+    """With every token selected a partial step computes what a full step does, and a reuse step reuses
+    the same residual: the sharded run equals one process running the same schedule (WanVACE with
+    hetcache's plan, Wan text-to-video with diffusers' own)."""
+    schedule = "FFPRPRPF"
+    results = _spawn(_hetcache_run, (schedule, schedule), ALL_TOKENS, family)
+    expected = _single_process_hetcache(schedule, ALL_TOKENS, family)
+    kinds = {"F": "full", "P": "partial", "R": "reuse"}
+    for result in results:
+        assert result["graphs"] == 1 and result["refused"] == []
+        assert result["history"] == [kinds[letter] for letter in schedule]
+        assert result["fractions"] == [1.0] * schedule.count("P")
+        for output, reference in zip(result["outputs"], expected):
+            torch.testing.assert_close(torch.from_numpy(output), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_partial_steps_select_as_many_tokens_on_every_rank_and_rank_outputs_agree():
+    schedule = "FPPFPPRP"
+    results = _spawn(_hetcache_run, (schedule, schedule), {})
+    assert results[0]["history"] == results[1]["history"] and results[0]["history"].count("partial") == 5
+    assert results[0]["fractions"] == results[1]["fractions"] and 0 < results[0]["fractions"][0] < 1
+    for mine, theirs in zip(results[0]["outputs"], results[1]["outputs"]):
+        torch.testing.assert_close(torch.from_numpy(mine), torch.from_numpy(theirs), rtol=0, atol=0)
+
+
+def test_ranks_whose_schedules_disagree_all_take_full_steps_instead_of_deadlocking():
+    result, other = _spawn(_hetcache_run, ("FPRP", "FFFF"), {})
+    assert result["history"] == other["history"] == ["full"] * len(TIMESTEPS)
     for output, timestep in zip(result["outputs"], TIMESTEPS):
         torch.testing.assert_close(torch.from_numpy(output), _single_process(timestep), rtol=1e-5, atol=1e-5)
-    assert result["graphs"] > 0 and result["rewritten"] == 0
-    assert any("context parallelism" in said for said in result["said"]), result["said"]
-    assert other["said"] == [] and other["rewritten"] == 0
+
+
+def _wan_without_hetcache_plan(rank: int) -> dict:
+    from diffusers import ContextParallelConfig
+
+    model = _model("wan")
+    model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=WORLD))  # diffusers' plan, not readied
+    compiled = torch.compile(model, backend="hetcache", options={"inner_backend": "aot_eager", "schedule": "FPRP"})
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        outputs = [compiled(**_family_inputs("wan", t), return_dict=False)[0].numpy() for t in TIMESTEPS[:4]]
+    return {"outputs": outputs, "said": [str(w.message) for w in caught if str(w.message).startswith("hetcache")]}
+
+
+def test_without_hetcaches_plan_the_fragments_compile_unchanged_and_rank_zero_says_what_to_pass():
+    """diffusers' hooks break Dynamo's trace into a graph per block unless the model was readied by
+    ``cp_plan(model)``: nothing is rewritten, the outputs are exact, and the warning names the fix."""
+    result, other = _spawn(_wan_without_hetcache_plan)
+    reference = _tiny_wan()
+    for output, timestep in zip(result["outputs"], TIMESTEPS):
+        with torch.no_grad():
+            expected = reference(**_family_inputs("wan", timestep), return_dict=False)[0]
+        torch.testing.assert_close(torch.from_numpy(output), expected, rtol=1e-5, atol=1e-5)
+    assert any("cp_plan=hetcache_compile.cp_plan(model)" in said for said in result["said"]), result["said"]
+    assert other["said"] == []
 
 
 def test_cp_plan_names_the_class_it_has_no_plan_for():
