@@ -145,7 +145,7 @@ def main() -> None:
         "(one process playing rank 0 of a fake process group); default preset; two CFG branches",
         f"step mix of one branch over {args.steps} steps (the Wan proxy of `flops.py`): "
         f"`{step_kinds(HetCacheConfig(), args.steps)}`",
-        "weights are not sharded by context parallelism: 28 GB (bf16) on every rank",
+        "weights are not sharded by context parallelism: 34.7 GB (bf16, 17.3 B parameters) on every rank",
     ]
     if args.small:
         print(markdown_table(columns, rows))
