@@ -71,6 +71,7 @@ def specialize_shapes(gm: fx.GraphModule, args: Sequence[object]) -> tuple[fx.Gr
             graph.erase_node(node)
         else:
             kept.append(position)
+    _fold_scalar_arithmetic(graph)
     static_args = [args[i] for i in kept]
     finalize(static)
     propagate_fake_shapes(static, static_args)
@@ -84,6 +85,16 @@ def _replace_uses(node: fx.Node, constant: object) -> None:
     for user in list(node.users):
         user.args = map_arg(user.args, lambda n: constant if n is node else n)
         user.kwargs = map_arg(user.kwargs, lambda n: constant if n is node else n)
+
+
+def _fold_scalar_arithmetic(graph: fx.Graph) -> None:
+    """Replace arithmetic on the substituted scalars by its value, so that sizes Dynamo computed from them
+    (diffusers' Ulysses attention reshapes to ``S // world`` rows) read as plain integers to the passes."""
+    for node in list(graph.nodes):
+        if (node.op == "call_function" and getattr(node.target, "__module__", None) in ("_operator", "operator")
+                and node.args and all(isinstance(a, int | float | bool) for a in node.args) and not node.kwargs):
+            _replace_uses(node, node.target(*node.args))
+            graph.erase_node(node)
 
 
 def _fold_items(graph: fx.Graph, node: fx.Node, constant: object) -> None:

@@ -24,8 +24,8 @@ TOKEN_EDIT[:, 1:3, 0:2] = 1  # in both ranks' shards (each holds whole frames)
 TIMESTEPS = (900.0, 800.0, 700.0, 600.0, 500.0, 400.0, 300.0, 200.0)
 
 
-def _inputs(timestep: float) -> dict:
-    return {**transformer_inputs(), "timestep": torch.tensor([timestep])}
+def _inputs(timestep: float, frames: int = 3) -> dict:
+    return {**transformer_inputs(frames=frames), "timestep": torch.tensor([timestep])}
 
 
 def _free_port() -> int:
@@ -183,6 +183,32 @@ def test_ranks_whose_schedules_disagree_all_take_full_steps_instead_of_deadlocki
     assert result["history"] == other["history"] == ["full"] * len(TIMESTEPS)
     for output, timestep in zip(result["outputs"], TIMESTEPS):
         torch.testing.assert_close(torch.from_numpy(output), _single_process(timestep), rtol=1e-5, atol=1e-5)
+
+
+def _two_resolutions(rank: int) -> dict:
+    model = _parallel_vace()
+    compiled = torch.compile(model, backend="hetcache",
+                             options={"inner_backend": "aot_eager", "schedule": "FPRP", **ALL_TOKENS})
+    outputs, histories = [], []
+    with torch.no_grad():
+        for frames in (3, 5):
+            outputs += [compiled(**_inputs(t, frames), return_dict=False)[0].numpy() for t in TIMESTEPS[:4]]
+            histories.append(hc.stats(model).branches["cond"].history)
+    return {"outputs": outputs, "histories": histories}
+
+
+def test_a_second_resolution_under_ulysses_keeps_partial_steps_and_equals_one_process():
+    """The second shape makes Dynamo trace with dynamic shapes; each shape is specialized and rewritten, the
+    attention's all-to-all sizes included."""
+    result = _spawn(_two_resolutions)[0]
+    model = tiny_vace_transformer()
+    compiled = torch.compile(model, backend="hetcache",
+                             options={"inner_backend": "aot_eager", "schedule": "FPRP", **ALL_TOKENS})
+    with torch.no_grad():
+        expected = [compiled(**_inputs(t, frames), return_dict=False)[0] for frames in (3, 5) for t in TIMESTEPS[:4]]
+    assert result["histories"] == [["full", "partial", "reuse", "partial"]] * 2
+    for output, reference in zip(result["outputs"], expected, strict=True):
+        torch.testing.assert_close(torch.from_numpy(output), reference, rtol=1e-5, atol=1e-5)
 
 
 def _wan_without_hetcache_plan(rank: int) -> dict:
