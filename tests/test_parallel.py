@@ -3,7 +3,8 @@
 diffusers places each rank on ``rank % torch.accelerator.device_count()``, which is 0 on a CPU
 machine: the worker processes (only they) patch ``device_count`` to 1. Each test waits for its
 processes with a timeout, so a deadlock fails the test instead of hanging CI. Ring attention needs
-an attention backend that returns the log-sum-exp, which none does on the CPU: Ulysses only here.
+an attention backend that returns the log-sum-exp: its test swaps the CPU flash kernel into diffusers'
+``_native_flash`` backend, in its worker processes only.
 """
 
 import os
@@ -233,6 +234,40 @@ def test_without_hetcaches_plan_the_fragments_compile_unchanged_and_rank_zero_sa
             expected = reference(**_family_inputs("wan", timestep), return_dict=False)[0]
         torch.testing.assert_close(torch.from_numpy(output), expected, rtol=1e-5, atol=1e-5)
     assert any("cp_plan=hetcache_compile.cp_plan(model)" in said for said in result["said"]), result["said"]
+    assert other["said"] == []
+
+
+def _cpu_flash_forward_op(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                          enable_gqa=False, return_lse=False, _save_ctx=True, _parallel_config=None):
+    """diffusers' ``_native_flash`` forward op on the CPU kernel, which returns the log-sum-exp Ring needs."""
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), dropout_p, is_causal, scale=scale)
+    out, lse = out.transpose(1, 2).contiguous(), lse.transpose(1, 2).contiguous()
+    return (out, lse) if return_lse else out
+
+
+def _ring(rank: int) -> dict:
+    import diffusers.models.attention_dispatch as dispatch
+    from diffusers import ContextParallelConfig
+
+    dispatch._native_flash_attention_forward_op = _cpu_flash_forward_op  # these test processes only
+    model = tiny_vace_transformer()
+    model.set_attention_backend("_native_flash")
+    model.enable_parallelism(config=ContextParallelConfig(ring_degree=WORLD), cp_plan=hc.cp_plan(model))
+    compiled = torch.compile(model, backend="hetcache", options={"inner_backend": "aot_eager", "schedule": "FPRP"})
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        outputs = [compiled(**_inputs(t), return_dict=False)[0].numpy() for t in TIMESTEPS[:4]]
+    return {"outputs": outputs, "said": [str(w.message) for w in caught if str(w.message).startswith("hetcache")]}
+
+
+def test_ring_attention_is_refused_on_rank_zero_and_compiled_unchanged_exactly():
+    """Ring needs an attention backend that returns the log-sum-exp; on the CPU diffusers' ``_native_flash``
+    runs with its op swapped for the CPU flash kernel (in the test processes only)."""
+    result, other = _spawn(_ring)
+    for output, timestep in zip(result["outputs"], TIMESTEPS):
+        torch.testing.assert_close(torch.from_numpy(output), _single_process(timestep), rtol=1e-5, atol=1e-5)
+    assert any("Ring attention" in said for said in result["said"]), result["said"]
     assert other["said"] == []
 
 
