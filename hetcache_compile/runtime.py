@@ -33,7 +33,7 @@ from .passes.offload import wait_for_host_copies
 from .priors import TokenClasses
 from .schedule import StepKind, make_scheduler
 from .selection import complement, relevance, select_tokens
-from .sharding import RankGroup, select_shard_tokens
+from .sharding import RankGroup, local_rows, select_shard_tokens
 from .stats import BranchStats
 
 logger = logging.getLogger("hetcache_compile")
@@ -225,16 +225,23 @@ class HetCacheRuntime:
                 exit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """S (the rows of ``exit`` the partial variant computes) and the context rows of the caches."""
         cfg = self.config
-        scores = relevance(query, key, classes.generative)
         hidden = exit.float().mean(dim=0)
         if self.ranks is None:
+            scores = relevance(query, key, classes.generative)
             chosen = select_tokens(classes, scores, hidden, cfg.context_ratio, cfg.margin_ratio, cfg.num_clusters,
                                    cfg.size_buckets).to(exit.device)
             return chosen, complement(chosen, classes.num_tokens)
-        ranks = self.ranks  # this rank's heads scored every token: average the scores over all heads
-        chosen = select_shard_tokens(classes, ranks.mean(scores), hidden, ranks.rank, ranks.world, cfg.context_ratio,
+        ranks, rows = self.ranks, exit.shape[1]
+        ring = self.analysis.shards.scheme == "ring"
+        if ring:  # this rank's queries and keys, all heads; its caches hold its own context rows
+            scores = relevance(query, key, local_rows(classes.generative, ranks.rank, rows))
+        else:  # Ulysses: this rank's heads over every token, averaged over all heads
+            scores = ranks.mean(relevance(query, key, classes.generative))[ranks.rank * rows:(ranks.rank + 1) * rows]
+        chosen = select_shard_tokens(classes, scores, hidden, ranks.rank, ranks.world, cfg.context_ratio,
                                      cfg.margin_ratio, cfg.num_clusters, cfg.size_buckets).to(exit.device)
-        everyone = ranks.all_gather(chosen + ranks.rank * exit.shape[1])
+        if ring:
+            return chosen, complement(chosen, rows)
+        everyone = ranks.all_gather(chosen + ranks.rank * rows)
         return chosen, complement(everyone, classes.num_tokens)
 
     def _run_probe(self, args: Sequence[object]) -> torch.Tensor:

@@ -15,9 +15,11 @@ at every self-attention. So:
   share of |S| and the most generative + margin tokens any one shard holds, so no rank idles while
   another computes, and an edit that lies in one shard makes the others recompute more of their
   context rather than wait.
-- **Caches of 1/world.** The context caches are attention's operands after the all-to-all: this rank's
-  heads for every rank's context tokens, so their rows are the complement of every rank's selection
-  (``all_gather`` of the selections, once per selection).
+- **Caches of 1/world.** Under Ulysses the context caches are attention's operands after the all-to-all:
+  this rank's heads for every rank's context tokens, so their rows are the complement of every rank's
+  selection (``all_gather`` of the selections, once per selection), and the relevance of a token is
+  averaged over the ranks' heads (one all-reduce). Under Ring they are this rank's own context rows, all
+  heads, and relevance is what this rank's generative queries give its own keys.
 
 >>> import torch
 >>> from hetcache_compile.priors import classify_tokens
@@ -86,6 +88,12 @@ class RankGroup:
         return out
 
 
+def local_rows(indices: torch.Tensor, rank: int, per_shard: int) -> torch.Tensor:
+    """The token ``indices`` that lie in ``rank``'s shard, as rows of it."""
+    low = rank * per_shard
+    return indices[(indices >= low) & (indices < low + per_shard)] - low
+
+
 def shard_size(classes: TokenClasses, world: int, context_ratio: float, margin_ratio: float, buckets: int = 0) -> int:
     """``k``: the tokens each of ``world`` shards computes in a partial step (the same on every rank)."""
     per_shard = classes.num_tokens // world
@@ -99,16 +107,15 @@ def select_shard_tokens(classes: TokenClasses, scores: torch.Tensor, hidden: tor
                         context_ratio: float, margin_ratio: float, num_clusters: int, buckets: int = 0) -> torch.Tensor:
     """This rank's sorted local indices of S: its generative and selected margin tokens, then its context
     tokens picked as on one device (cluster quotas, most relevant first) up to ``shard_size``. ``scores``
-    are every token's relevance, ``hidden`` this shard's final hidden states ``[n, D]``."""
+    are the relevance of this shard's tokens ``[n]``, ``hidden`` their final hidden states ``[n, D]``."""
     per_shard = classes.num_tokens // world
-    low, high = rank * per_shard, (rank + 1) * per_shard
 
     def mine(indices: torch.Tensor) -> torch.Tensor:
-        return indices[(indices >= low) & (indices < high)] - low
+        return local_rows(indices, rank, per_shard)
 
     size = shard_size(classes, world, context_ratio, margin_ratio, buckets)
     required = mine(torch.cat([classes.generative, select_margin(classes.margin, classes.grid, margin_ratio)]))
-    local_scores = scores.cpu()[low:high]
+    local_scores = scores.cpu()
     picked = select_context(mine(classes.context), local_scores, hidden, 0.0, num_clusters,
                             budget=size - required.numel())
     chosen = torch.cat([required, picked])
@@ -119,4 +126,4 @@ def select_shard_tokens(classes: TokenClasses, scores: torch.Tensor, hidden: tor
     return torch.sort(chosen).values
 
 
-__all__ = ["RankGroup", "select_shard_tokens", "shard_size"]
+__all__ = ["RankGroup", "local_rows", "select_shard_tokens", "shard_size"]

@@ -1,10 +1,11 @@
 """Find attention sites in a Dynamo graph.
 
-Contract: ``find_attention_sites(gm, user_inputs)`` reads ``gm`` and returns one
-``AttentionSite`` per attention call, in graph order. A site is *self*-attention when its keys
-depend on exactly the user inputs its queries depend on (keys come from the token stream), and
-*cross*-attention otherwise (keys come from text or image conditioning only).
-The owning block comes from ``nn_module_stack``. The graph is not modified.
+Contract: ``find_attention_sites(gm, user_inputs)`` reads ``gm`` and returns one ``AttentionSite`` per
+attention call, in graph order. A site is *self*-attention when its keys depend on exactly the user inputs
+its queries depend on (keys come from the token stream), and *cross*-attention otherwise (keys come from
+text or image conditioning only). The owning block comes from ``nn_module_stack``. The graph is not
+modified. Under Ring context parallelism one self-attention is several attention ops over the gathered
+keys; ``with_ring_sites`` makes them one site, the gather.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .graph_utils import ancestors, module_paths, owning_block, tensor_shape
+from .errors import RewriteRefused
+from .shards import is_ring_site, layout_source, ring_operands
 
 ATTENTION_TARGETS: tuple = (
     F.scaled_dot_product_attention,
@@ -47,7 +50,10 @@ def is_attention(node: fx.Node) -> bool:
 
 
 def attention_operand(node: fx.Node, index: int, name: str) -> fx.Node | None:
-    """Query (0), key (1) or value (2) of an attention node, passed positionally or by keyword."""
+    """Query (0), key (1) or value (2) of an attention node, passed positionally or by keyword; of a ring
+    site, this rank's query, key and value rows (``[B, n, H, D]``, no mask)."""
+    if is_ring_site(node):
+        return ring_operands(node)[index] if index < 3 else None
     if len(node.args) > index:
         return node.args[index]
     return node.kwargs.get(name)
@@ -84,3 +90,36 @@ def find_attention_sites(gm: fx.GraphModule, user_inputs: set[str]) -> list[Atte
             )
         )
     return sites
+
+
+def with_ring_sites(gm: fx.GraphModule, sites: list[AttentionSite], world: int) -> list[AttentionSite]:
+    """``sites`` with each Ring self-attention's attention ops (one per rank's chunk of keys) replaced by
+    one site: the gather of its keys and values (``shards.is_ring_site``)."""
+    by_name = {n.name: n for n in gm.graph.nodes}
+    ring, inside = [], set()
+    for node in gm.graph.nodes:
+        if not is_ring_site(node):
+            continue
+        query, key, _value = ring_operands(node)
+        ops = [op for op in gm.graph.nodes if is_attention(op)
+               and isinstance(first := attention_operand(op, 0, "query"), fx.Node) and layout_source(first) is query]
+        if query is None or not ops:
+            raise RewriteRefused(f"Ring attention at '{node.name}': no attention op reads this rank's keys, so its "
+                                 "queries are unknown (an attention backend hetcache does not know)")
+        inside.update(op.name for op in ops)
+        paths = module_paths(ops[0]) if ops else []
+        ring.append(AttentionSite(node=node.name, module=paths[-1] if paths else "", block=owning_block(node),
+                                  kind="self", num_queries=tensor_shape(query)[1],
+                                  num_keys=world * tensor_shape(key)[1]))
+    kept = [site for site in sites if site.node not in inside] + ring
+    position = {name: i for i, name in enumerate(by_name)}
+    return sorted(kept, key=lambda site: position[site.node])
+
+
+def in_cache_layout(graph: fx.Graph, site: fx.Node, operand: fx.Node, before: fx.Node) -> fx.Node:
+    """``operand`` of ``site`` laid out as caches are, ``[..., L, D]``: as it is for an attention op; for a ring
+    site (``[B, n, H, D]``) transposed to ``[B, H, n, D]``, inserted before ``before``."""
+    if not is_ring_site(site):
+        return operand
+    with graph.inserting_before(before):
+        return graph.call_method("transpose", (operand, 1, 2))

@@ -24,7 +24,9 @@ device while the attention before it runs (``offload.py``). It:
 
 Under context parallelism (``shards``, Ulysses) the region runs on this rank's shard: ``hetcache_index``
 selects this rank's rows of S (every rank as many), the all-to-alls carry |S| rows, and the context caches
-hold this rank's heads of every rank's context tokens (attention's layout after the all-to-all).
+hold this rank's heads of every rank's context tokens (attention's layout after the all-to-all). Under
+Ring the context caches hold this rank's own context rows, all heads (``[B, H, n - k, D]``), joined to the
+fresh rows before the gather of keys and values, so every shape after the gather is the full step's.
 
 Attention without a mask does not depend on the order of its keys, so appending the fresh rows
 gives the same result as writing them back in place, and a partial step never rewrites an
@@ -65,7 +67,7 @@ from .graph_utils import (
 )
 from .offload import fetch
 from .recompute import copy_projection, projection_source
-from .shards import ShardLayout
+from .shards import ShardLayout, is_ring_site
 from .token_axis import GATHER_PREFIX
 from .token_region import TokenRegion
 from .token_sizes import size_tokens_at_run_time
@@ -109,6 +111,7 @@ def build_partial_variant(gm: fx.GraphModule, region: TokenRegion, token_inputs:
     site_nodes = [by_name[name] for name in sites]
     for j, site in enumerate(site_nodes):
         _refuse_masked_attention(site)
+        ring = is_ring_site(site)
         stored = {base: [inputs[name] for name in codec.names(f"hetcache_{base}{j}")]
                   for base in (("x",) if recompute else ("k", "v"))}
         if offload:  # start the copy one attention early, on the side stream
@@ -123,6 +126,11 @@ def build_partial_variant(gm: fx.GraphModule, region: TokenRegion, token_inputs:
         for operand, (position, keyword) in (("k", (1, "key")), ("v", (2, "value"))):
             fresh = attention_operand(site, position, keyword)
             dim = len(tensor_shape(fresh)) - 2
+            if ring:  # join before the gather: every rank's chunk keeps its n rows
+                anchor = fresh.next
+                _join_ring_rows(graph, fresh, codec.decode(graph, stored[operand], example_value(fresh).dtype,
+                                                           before=anchor), anchor)
+                continue
             if recompute:
                 cached = copy_projection(graph, projected, fresh, replacements, before=site,
                                          is_token_input=at_context.__contains__)
@@ -149,6 +157,16 @@ def build_partial_variant(gm: fx.GraphModule, region: TokenRegion, token_inputs:
     output.args = (tuple(output.args[0]) + (residual, exit_full),)
     prune_dead_nodes(graph)
     return finalize(partial)
+
+
+def _join_ring_rows(graph: fx.Graph, fresh: fx.Node, cached: fx.Node, before: fx.Node) -> None:
+    """Ring: this rank's cached context rows (``[B, H, n - k, D]``) and its k fresh rows (``[B, k, H, D]``) become
+    the n rows every use of ``fresh`` reads: the gather of keys and values, the attention over this rank's own."""
+    with graph.inserting_before(before):
+        turned = graph.call_method("transpose", (fresh, 1, 2))
+        joined = graph.call_function(torch.cat, ([cached, turned], 2))
+        rows = graph.call_method("transpose", (joined, 1, 2))
+    fresh.replace_all_uses_with(rows, delete_user_cb=lambda user: user is not turned)
 
 
 def _refuse_masked_attention(site: fx.Node) -> None:

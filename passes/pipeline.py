@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from .attention import AttentionSite, attention_operand, find_attention_sites
+from .attention import AttentionSite, attention_operand, find_attention_sites, with_ring_sites
 from .cache_codec import CacheCodec
 from .errors import PassFailed, RewriteRefused
 from .graph_utils import (
@@ -100,7 +100,8 @@ class GraphAnalysis:
             f"  activations entering it: {', '.join(self._activation_inputs())}",
         ]
         if self.shards is not None:
-            lines.append(f"context parallelism: Ulysses over {self.shards.world} ranks (process group "
+            lines.append(f"context parallelism: {self.shards.scheme.capitalize()} over {self.shards.world} ranks "
+                         f"(process group "
                          f"{self.shards.group!r}); the stack runs on this rank's {r.num_tokens} of "
                          f"{r.num_tokens * self.shards.world} tokens")
         lines.append(f"timestep input: {self.timestep_input or 'none found (no runs of steps: nothing is reused)'}")
@@ -202,6 +203,8 @@ def analyze(gm: fx.GraphModule, example_inputs: Sequence[object], hints: GraphHi
                              "from the inputs its queries come from); hetcache rewrites transformer block stacks")
     region = run_pass("token_region", find_token_region, gm, user_inputs)
     shards = run_pass("shards", find_shards, gm, region)
+    if shards is not None and shards.scheme == "ring":
+        sites = run_pass("ring_sites", with_ring_sites, gm, sites, shards.world)
     outside = [s for s in sites if s.node not in region.nodes]
     if outside:
         raise RewriteRefused(f"attention '{outside[0].module}' lies outside the block stack")
@@ -301,10 +304,11 @@ def _build_checked_partial(gm: fx.GraphModule, analysis: GraphAnalysis, example_
     by_name = {n.name: n for n in gm.graph.nodes}
     tokens = analysis.region.num_tokens
     selected = max(1, tokens - 1)
-    world = analysis.shards.world if analysis.shards else 1  # attention sees every rank's tokens
-    if analysis.shards and (recompute or prune == "attention"):
-        raise RewriteRefused("under context parallelism partial steps store keys and values (prune='block', "
-                             "recompute_kv=False): the keys are projected on another rank's shard")
+    ring = analysis.shards is not None and analysis.shards.scheme == "ring"
+    world = analysis.shards.world if analysis.shards and not ring else 1  # Ulysses: attention sees every rank's
+    if analysis.shards and (recompute or prune == "attention" or (ring and offload)):
+        raise RewriteRefused("under context parallelism partial steps store keys and values on the device "
+                             "(prune='block', recompute_kv=False; Ring: cache_device as the model's)")
     exit_value = by_name[analysis.region.exit].meta["example_value"]
     extra = {
         "hetcache_index": torch.arange(selected, device=exit_value.device),
@@ -319,6 +323,7 @@ def _build_checked_partial(gm: fx.GraphModule, analysis: GraphAnalysis, example_
             extra.update(zip(codec.names(f"hetcache_x{j}"), codec.empty_like(projected, tokens - selected)))
         for operand, (position, keyword) in (("k", (1, "key")), ("v", (2, "value"))):
             value = attention_operand(site, position, keyword).meta["example_value"]
+            value = value.transpose(1, 2) if ring else value  # cached as [B, H, n, D]
             names = codec.names(f"hetcache_{operand}{j}")
             extra.update(zip(names, codec.empty_like(value, world * (tokens - selected))))
         extra[f"hetcache_a{j}"] = _empty_like_meta(site)
@@ -343,7 +348,7 @@ def _build_checked_partial(gm: fx.GraphModule, analysis: GraphAnalysis, example_
     for name in sites:
         for position, keyword in ((0, "query"), (1, "key")):
             operand = attention_operand(by_name[name], position, keyword)
-            rows[operand.name] = token_rows(gm.graph, operand, carries, tokens * world)
+            rows[operand.name] = (0, 0) if ring else token_rows(gm.graph, operand, carries, tokens * world)
     masked = {name: rows[attention_operand(by_name[name], 1, "key").name][0] for name in sites
               if attention_operand(by_name[name], 3, "attn_mask") is not None}
     if any(masked.values()):  # text rows before the tokens under a key-padding mask: cached rows go after them

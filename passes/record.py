@@ -9,7 +9,8 @@ outputs, then:
   branch included, made to the token stream; reuse steps add it back);
 - the region exit (final hidden states of all tokens, the partial steps' scatter target);
 - per self-attention site in ``sites``: with ``prune="block"`` its keys and values
-  ``k0, v0, k1, v1, ...`` as the attention op reads them (after norm and RoPE; only the token
+  ``k0, v0, k1, v1, ...`` as the attention op reads them (after norm and RoPE; a ring site's as
+  ``[B, H, n, D]``, this rank's rows; only the token
   rows, ``token_rows[key] = (offset, extra)``, where text rows share the sequence), each in
   ``codec``'s stored form (one tensor, or float8 data and its scale: ``cache_codec.py``); with
   ``recompute`` instead the tensor they are projected from, one per site (``recompute.py``); with
@@ -29,7 +30,7 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.fx as fx
 
-from .attention import attention_operand
+from .attention import attention_operand, in_cache_layout
 from .cache_codec import CacheCodec
 from .graph_utils import copy_graph_module, finalize, insert_residual, output_node
 from .offload import offload as offload_to_host
@@ -61,14 +62,15 @@ def build_full_variant(gm: fx.GraphModule, region: TokenRegion, sites: Sequence[
             cached = [projection_source(full.graph, site, region.num_tokens)]
         else:
             key, value = attention_operand(site, 1, "key"), attention_operand(site, 2, "value")
-            cached = [_token_rows_of(full.graph, t, token_rows.get(key.name), region.num_tokens, before)
-                      for t in (key, value)]
+            cached = [_token_rows_of(full.graph, in_cache_layout(full.graph, site, t, before),
+                                     token_rows.get(key.name), region.num_tokens, before) for t in (key, value)]
         stored = [t for operand in cached for t in codec.encode(full.graph, operand, before=before)]
         caches += offload_to_host(full.graph, stored, before=before) if offload else stored
     selection_inputs = []
     if relevance_site is not None:
         site = by_name[relevance_site]
-        selection_inputs = [_token_rows_of(full.graph, operand, token_rows.get(operand.name), region.num_tokens, output)
+        selection_inputs = [_token_rows_of(full.graph, in_cache_layout(full.graph, site, operand, output),
+                                           token_rows.get(operand.name), region.num_tokens, output)
                             for operand in (attention_operand(site, 0, "query"), attention_operand(site, 1, "key"))]
     output.args = (tuple(output.args[0]) + record_outputs(residual, exit_node, caches, selection_inputs),)
     return finalize(full)

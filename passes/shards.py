@@ -3,12 +3,15 @@
 Contract: ``find_shards(gm, region)`` returns None for a graph without collectives, a ``ShardLayout``
 for one the variants can serve, and raises ``RewriteRefused`` naming the collective otherwise.
 
-Served: Ulysses. Each rank's graph splits the token stream into ``world`` equal shards before the block
-stack (Dynamo bakes the rank in: ``chunk(world, dim=1)[rank]``), so the region runs on ``N / world``
-tokens; every self-attention is an all-to-all of queries, keys and values (each rank then holds all N
-tokens of ``heads / world`` heads), attention, and an all-to-all back; the shards are gathered after the
-stack. Inside the region only equal-split ``all_to_all_single`` may run (and ``wait_tensor``): Ring
-attention's gathers of keys and values, or unequal splits (``ulysses_anything``), are refused.
+Served: Ulysses and Ring (not both at once). Each rank's graph splits the token stream into ``world`` equal
+shards before the block stack (Dynamo bakes the rank in: ``chunk(world, dim=1)[rank]``), so the region runs on
+``N / world`` tokens; every self-attention is an all-to-all of queries, keys and values (each rank then holds
+all N tokens of ``heads / world`` heads), attention, and an all-to-all back; the shards are gathered after the
+stack. Under Ring every self-attention instead gathers every rank's keys and values (an
+``all_gather_into_tensor`` of ``cat([key.flatten(), value.flatten()])``) and runs one attention with
+log-sum-exp per rank's chunk, merging them; a *ring site* is that gather, and ``ring_operands`` gives its
+query, key and value (this rank's rows, ``[B, n, H, D]``). Refused: unequal splits (``ulysses_anything``),
+Ulysses and Ring together, and any other collective inside the stack.
 
 ``all_to_all_equal`` and ``reshape_as_sent`` are what ``token_sizes.py`` rewrites the region's
 all-to-alls and the reshapes after them into, so they run on a subset of each shard's tokens.
@@ -29,10 +32,11 @@ _OPS = torch.ops._c10d_functional
 
 @dataclass(frozen=True)
 class ShardLayout:
-    """A Ulysses-sharded graph: ``world`` ranks of the process group named ``group``."""
+    """A sharded graph: ``world`` ranks of the process group named ``group``; ``scheme`` "ulysses" or "ring"."""
 
     world: int
     group: str
+    scheme: str = "ulysses"
 
 
 def collective_name(node: fx.Node) -> str | None:
@@ -49,10 +53,16 @@ def find_shards(gm: fx.GraphModule, region: TokenRegion) -> ShardLayout | None:
         return None
     inside = [(node, name) for node, name in collectives if node.name in region.nodes]
     for node, name in inside:
-        if name not in ("all_to_all_single", "wait_tensor"):
-            raise RewriteRefused(f"the block stack holds the collective {name} ('{node.name}'): context parallelism "
-                                 "other than Ulysses (Ring attention) is not rewritten; use ulysses_degree")
+        if name not in ("all_to_all_single", "wait_tensor") and not is_ring_site(node):
+            raise RewriteRefused(f"the block stack holds the collective {name} ('{node.name}'), which is neither a "
+                                 "Ulysses all-to-all nor a Ring gather of keys and values")
     exchanges = [node for node, name in inside if name == "all_to_all_single"]
+    rings = [node for node, _ in inside if is_ring_site(node)]
+    if exchanges and rings:
+        raise RewriteRefused("the block stack mixes Ulysses all-to-alls and Ring gathers (ulysses_degree and "
+                             "ring_degree both above 1): use one of them")
+    if rings:
+        return ShardLayout(world=rings[0].args[1], group=rings[0].args[2], scheme="ring")
     if not exchanges:
         raise RewriteRefused("the graph holds collectives but no all-to-all in the block stack: a context-parallel "
                              "layout hetcache does not know")
@@ -68,6 +78,43 @@ def _layout_of(node: fx.Node) -> ShardLayout | None:
     if not out_sizes or list(out_sizes) != list(in_sizes) or len(set(out_sizes)) != 1:
         return None
     return ShardLayout(world=len(out_sizes), group=group)
+
+
+def is_ring_site(node: fx.Node) -> bool:
+    """An ``all_gather_into_tensor`` of ``cat([key.flatten(), value.flatten()])`` (Ring attention's)."""
+    if collective_name(node) != "all_gather_into_tensor":
+        return False
+    joined = node.args[0]
+    if isinstance(joined, fx.Node) and joined.target == "contiguous":
+        joined = joined.args[0]
+    if not (isinstance(joined, fx.Node) and joined.target in (torch.cat, torch.concat)):
+        return False
+    parts = joined.args[0]
+    return len(parts) == 2 and all(isinstance(p, fx.Node) and p.target in ("flatten", torch.flatten) for p in parts)
+
+
+def ring_operands(gather: fx.Node) -> tuple[fx.Node | None, fx.Node, fx.Node]:
+    """Query, key and value of a ring site: the key and value gathered, and the query of the attention op
+    that reads this rank's own keys (through transposes and ``contiguous``); None if there is none."""
+    joined = gather.args[0]
+    if joined.target == "contiguous":
+        joined = joined.args[0]
+    key, value = (part.args[0] for part in joined.args[0])
+    for op in key.graph.nodes:
+        if op.op != "call_function" or "attention" not in str(getattr(op.target, "__name__", op.target)):
+            continue
+        operands = [op.args[i] if len(op.args) > i else op.kwargs.get(name) for i, name in enumerate(("query", "key"))]
+        if all(isinstance(x, fx.Node) for x in operands) and layout_source(operands[1]) is key:
+            return layout_source(operands[0]), key, value
+    return None, key, value
+
+
+def layout_source(node: fx.Node) -> fx.Node:
+    """``node`` before the transposes and copies that only change its memory layout."""
+    while node.op == "call_method" and node.target in ("transpose", "contiguous") or node.target in (
+            torch.transpose, torch.Tensor.contiguous):
+        node = node.args[0]
+    return node
 
 
 def all_to_all_equal(tensor: torch.Tensor, world: int, group: str) -> torch.Tensor:

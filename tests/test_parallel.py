@@ -246,7 +246,7 @@ def _cpu_flash_forward_op(ctx, query, key, value, attn_mask=None, dropout_p=0.0,
     return (out, lse) if return_lse else out
 
 
-def _ring(rank: int) -> dict:
+def _ring_model() -> torch.nn.Module:
     import diffusers.models.attention_dispatch as dispatch
     from diffusers import ContextParallelConfig
 
@@ -254,21 +254,38 @@ def _ring(rank: int) -> dict:
     model = tiny_vace_transformer()
     model.set_attention_backend("_native_flash")
     model.enable_parallelism(config=ContextParallelConfig(ring_degree=WORLD), cp_plan=hc.cp_plan(model))
-    compiled = torch.compile(model, backend="hetcache", options={"inner_backend": "aot_eager", "schedule": "FPRP"})
+    return model
+
+
+def _ring_run(rank: int, schedule: str, options: dict) -> dict:
+    model = _ring_model()
+    compiled = torch.compile(model, backend="hetcache",
+                             options={"inner_backend": "aot_eager", "schedule": schedule, **options})
     with warnings.catch_warnings(record=True) as caught, torch.no_grad():
         warnings.simplefilter("always")
-        outputs = [compiled(**_inputs(t), return_dict=False)[0].numpy() for t in TIMESTEPS[:4]]
-    return {"outputs": outputs, "said": [str(w.message) for w in caught if str(w.message).startswith("hetcache")]}
+        outputs = [compiled(**_inputs(t), return_dict=False)[0].numpy() for t in TIMESTEPS]
+    stats = hc.stats(model)
+    branch = next(iter(stats.branches.values()))
+    return {"outputs": outputs, "said": [str(w.message) for w in caught if str(w.message).startswith("hetcache")],
+            "graphs": stats.graphs, "refused": stats.fallback_reasons, "history": branch.history,
+            "fractions": branch.token_fractions}
 
 
-def test_ring_attention_is_refused_on_rank_zero_and_compiled_unchanged_exactly():
-    """Ring needs an attention backend that returns the log-sum-exp; on the CPU diffusers' ``_native_flash``
-    runs with its op swapped for the CPU flash kernel (in the test processes only)."""
-    result, other = _spawn(_ring)
-    for output, timestep in zip(result["outputs"], TIMESTEPS):
-        torch.testing.assert_close(torch.from_numpy(output), _single_process(timestep), rtol=1e-5, atol=1e-5)
-    assert any("Ring attention" in said for said in result["said"]), result["said"]
-    assert other["said"] == []
+def test_ring_runs_full_partial_and_reuse_steps_and_a_fixed_schedule_equals_one_process():
+    """Ring attention needs a backend that returns the log-sum-exp: on the CPU, diffusers' ``_native_flash``
+    with its op swapped for the CPU flash kernel (in the test processes only). Each rank caches its own
+    context rows, all heads, joined to its fresh rows before the gather of keys and values."""
+    schedule = "FFPRPRPF"
+    results = _spawn(_ring_run, schedule, ALL_TOKENS)
+    expected = _single_process_hetcache(schedule, ALL_TOKENS)
+    kinds = {"F": "full", "P": "partial", "R": "reuse"}
+    for result in results:
+        assert result["graphs"] == 1 and result["refused"] == [] and result["said"] == []
+        assert result["history"] == [kinds[letter] for letter in schedule]
+        for output, reference in zip(result["outputs"], expected):
+            torch.testing.assert_close(torch.from_numpy(output), reference, rtol=1e-5, atol=1e-5)
+    selected = _spawn(_ring_run, "FPPFPPRP", {})
+    assert selected[0]["fractions"] == selected[1]["fractions"] and 0 < selected[0]["fractions"][0] < 1
 
 
 def test_cp_plan_names_the_class_it_has_no_plan_for():

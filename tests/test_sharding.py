@@ -24,8 +24,8 @@ def _select_all(classes, world: int, context_ratio: float = 0.25):
     scores = torch.rand(classes.num_tokens, generator=torch.Generator().manual_seed(0))
     per_shard = classes.num_tokens // world
     hidden = torch.randn(per_shard, 8, generator=torch.Generator().manual_seed(1))
-    return [select_shard_tokens(classes, scores, hidden, rank, world, context_ratio, 0.5, num_clusters=4)
-            for rank in range(world)]
+    return [select_shard_tokens(classes, scores[rank * per_shard:(rank + 1) * per_shard], hidden, rank, world,
+                                context_ratio, 0.5, num_clusters=4) for rank in range(world)]
 
 
 @pytest.mark.parametrize("frames", [slice(0, 8), slice(0, 2)], ids=["edit-in-every-shard", "edit-in-one-shard"])
@@ -58,7 +58,9 @@ def _graph_with(collective: str) -> tuple[fx.GraphModule, TokenRegion]:
     graph = fx.Graph()
     x = graph.placeholder("x")
     flat = graph.call_method("flatten", (x,))
-    if collective == "all_gather":
+    if collective in ("all_gather", "ring"):
+        if collective == "ring":  # keys and values, flattened and joined, as Ring attention gathers them
+            flat = graph.call_function(torch.cat, ([flat, graph.call_method("flatten", (x,))],))
         sent = graph.call_function(torch.ops._c10d_functional.all_gather_into_tensor, (flat, 2, "0"))
     else:
         sizes = [4, 4] if collective == "equal" else [6, 2]
@@ -72,9 +74,10 @@ def _graph_with(collective: str) -> tuple[fx.GraphModule, TokenRegion]:
     return fx.GraphModule(torch.nn.Module(), graph), region
 
 
-def test_shards_pass_reads_the_ulysses_world_and_refuses_ring_and_unequal_splits_by_name():
+def test_shards_pass_reads_ulysses_and_ring_and_refuses_other_collectives_and_unequal_splits_by_name():
     assert find_shards(*_graph_with("equal")) == ShardLayout(world=2, group="0")
-    with pytest.raises(RewriteRefused, match="all_gather_into_tensor.*Ring"):
+    assert find_shards(*_graph_with("ring")) == ShardLayout(world=2, group="0", scheme="ring")
+    with pytest.raises(RewriteRefused, match="all_gather_into_tensor.*neither"):
         find_shards(*_graph_with("all_gather"))
     with pytest.raises(RewriteRefused, match="unequally"):
         find_shards(*_graph_with("unequal"))
