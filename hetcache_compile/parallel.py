@@ -7,7 +7,7 @@ the VACE branch: ``vace_blocks.0`` reads the patch-embedded latents (its input p
 control stream) and the control tokens, both split along the token dimension like ``blocks.0``'s input,
 so each rank's hints line up with its shard of the token stream. It works with or without hetcache.
 
-hetcache rewrites each rank's graph (Ulysses; ``sharding.py`` says how the ranks agree and balance their
+hetcache rewrites each rank's graph (Ulysses or Ring; ``sharding.py`` says how the ranks agree and balance their
 partial steps). Given a model instance, ``cp_plan`` also readies the model for one Dynamo graph per rank:
 diffusers' split hooks look up their argument's position with ``inspect.signature`` on their first call,
 which Dynamo cannot trace, and a graph break inside the block loop makes Dynamo run the whole ``forward``

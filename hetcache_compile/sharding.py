@@ -1,8 +1,8 @@
 """Context parallelism at run time: ranks that agree on every step, and partial steps balanced over them.
 
-Under Ulysses each rank's graph runs the block stack on its shard of the tokens (rank r holds tokens
-``[r * n, (r + 1) * n)``, ``n = N / world``) and exchanges queries, keys and values with the other ranks
-at every self-attention. So:
+Under context parallelism (Ulysses or Ring) each rank's graph runs the block stack on its shard of the
+tokens (rank r holds tokens ``[r * n, (r + 1) * n)``, ``n = N / world``) and exchanges keys and values
+(Ulysses: queries too) with the other ranks at every self-attention. So:
 
 - **Agreement.** Every rank must take the same step kind at every call: a rank that reuses while another
   computes would wait forever in an all-to-all. The step kind comes from signals that are the same on

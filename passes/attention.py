@@ -49,11 +49,23 @@ def is_attention(node: fx.Node) -> bool:
     return isinstance(node.target, torch._ops.OpOverload | torch._ops.OpOverloadPacket) and "attention" in name
 
 
+_ALIASES = {"attn_mask": ("attn_mask", "attn_bias")}  # cuDNN's kernel calls its mask a bias
+
+
 def attention_operand(node: fx.Node, index: int, name: str) -> fx.Node | None:
-    """Query (0), key (1) or value (2) of an attention node, passed positionally or by keyword; of a ring
-    site, this rank's query, key and value rows (``[B, n, H, D]``, no mask)."""
+    """Query (0), key (1), value (2), mask (3) or ``is_causal`` (5) of an SDPA node, passed positionally or by
+    keyword; of an aten attention kernel (flash, cuDNN: diffusers' backends under context parallelism), by
+    ``name`` in its schema; of a ring site, this rank's query, key and value rows (``[B, n, H, D]``, no mask)."""
     if is_ring_site(node):
         return ring_operands(node)[index] if index < 3 else None
+    schema = getattr(node.target, "_schema", None) or getattr(getattr(node.target, "default", None), "_schema", None)
+    if schema is not None and node.target not in ATTENTION_TARGETS:  # an aten attention kernel: by its own names
+        names = [argument.name for argument in schema.arguments]
+        for alias in _ALIASES.get(name, (name,)):
+            if alias in names:
+                position = names.index(alias)
+                return node.args[position] if len(node.args) > position else node.kwargs.get(alias)
+        return None
     if len(node.args) > index:
         return node.args[index]
     return node.kwargs.get(name)

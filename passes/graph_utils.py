@@ -161,8 +161,11 @@ def mutated_argument(node: fx.Node) -> fx.Node | None:
     return target if isinstance(target, fx.Node) else None
 
 
-def _is_collective(node: fx.Node) -> bool:
-    return "_c10d_functional" in (getattr(node.target, "_qualified_op_name", None) or "")
+def _droppable(node: fx.Node) -> bool:
+    """Impure to FX but safe to drop when unread: functional collectives, and attention kernels (seeded for a
+    dropout the model does not use; Ring attention's flash ops)."""
+    name = getattr(node.target, "_qualified_op_name", None) or getattr(node.target, "__name__", "") or ""
+    return "_c10d_functional" in name or "scaled_dot_product" in name
 
 
 def prune_dead_nodes(graph: fx.Graph) -> int:
@@ -173,7 +176,8 @@ def prune_dead_nodes(graph: fx.Graph) -> int:
     forever because ``operator.setitem`` is marked side-effectful. Functional collectives
     (``_c10d_functional``, context parallelism) whose result nothing reads go too: every rank runs
     the same variant, so every rank drops the same ones (a reuse step skips the block stack's
-    all-to-alls on all of them).
+    all-to-alls on all of them); and attention kernels FX counts as random (flash attention's dropout
+    seed).
     """
     live: set[fx.Node] = set()
     changed = True
@@ -187,7 +191,7 @@ def prune_dead_nodes(graph: fx.Graph) -> int:
                 node.op in ("output", "placeholder")
                 or any(user in live for user in node.users)
                 or (mutated is not None and mutated in live)
-                or (mutated is None and node.op != "get_attr" and node.is_impure() and not _is_collective(node))
+                or (mutated is None and node.op != "get_attr" and node.is_impure() and not _droppable(node))
             )
             if needed:
                 live.add(node)

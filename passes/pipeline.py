@@ -367,8 +367,9 @@ TOKEN_ROWS = "hetcache_token_rows"  # partial.meta: attention operand name -> (o
 
 
 def _empty_like_meta(node: fx.Node) -> torch.Tensor:
-    """An empty tensor like ``node``'s value."""
+    """An empty tensor like ``node``'s value (the output's, for an attention op that also returns its log-sum-exp)."""
     value = node.meta["example_value"]
+    value = value[0] if isinstance(value, tuple | list) else value
     return torch.empty(tuple(value.shape), dtype=value.dtype, device=value.device)
 
 

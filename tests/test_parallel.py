@@ -108,6 +108,19 @@ def _eager_and_plain_compiled(rank: int) -> dict:
     return {"eager": eager.numpy(), "compiled": compiled.numpy()}
 
 
+def _reuse_collectives(model: torch.nn.Module) -> int:
+    """The stack's collectives and attention ops left in the model's reuse variants (a reuse step skips the
+    stack; the gather of the output after it stays)."""
+    from hetcache_compile.passes.shards import is_ring_site
+    from hetcache_compile.runtime import LIVE_RUNTIMES, HetCacheRuntime
+
+    ids = {id(p) for p in model.parameters()}
+    found = [rt for rt in LIVE_RUNTIMES if isinstance(rt, HetCacheRuntime) and rt.serves(ids)]
+    assert found
+    return sum(1 for rt in found for node in rt.reuse.gm.graph.nodes if node.op == "call_function"
+               and (is_ring_site(node) or any(word in str(node.target) for word in ("all_to_all", "attention"))))
+
+
 def _hetcache_run(rank: int, schedules: tuple[str, ...], options: dict, family: str = "vace") -> dict:
     """A hetcache model with rank r's schedule ``schedules[r]``, called at ``TIMESTEPS``."""
     model = _parallel_vace(family)
@@ -120,7 +133,7 @@ def _hetcache_run(rank: int, schedules: tuple[str, ...], options: dict, family: 
     stats = hc.stats(model)
     branch = next(iter(stats.branches.values()))
     return {"outputs": outputs, "said": said, "graphs": stats.graphs, "refused": stats.fallback_reasons,
-            "history": branch.history, "fractions": branch.token_fractions}
+            "history": branch.history, "fractions": branch.token_fractions, "reuse_ops": _reuse_collectives(model)}
 
 
 def _single_process(timestep: float) -> torch.Tensor:
@@ -163,7 +176,7 @@ def test_a_fixed_schedule_gives_every_rank_the_same_history_and_the_single_proce
     expected = _single_process_hetcache(schedule, ALL_TOKENS, family)
     kinds = {"F": "full", "P": "partial", "R": "reuse"}
     for result in results:
-        assert result["graphs"] == 1 and result["refused"] == []
+        assert result["graphs"] == 1 and result["refused"] == [] and result["reuse_ops"] == 0
         assert result["history"] == [kinds[letter] for letter in schedule]
         assert result["fractions"] == [1.0] * schedule.count("P")
         for output, reference in zip(result["outputs"], expected):
@@ -246,19 +259,20 @@ def _cpu_flash_forward_op(ctx, query, key, value, attn_mask=None, dropout_p=0.0,
     return (out, lse) if return_lse else out
 
 
-def _ring_model() -> torch.nn.Module:
+def _flash_model(degree: str) -> torch.nn.Module:
+    """The tiny WanVACE on diffusers' ``_native_flash`` backend (CPU kernel) over ``degree`` (ring or ulysses)."""
     import diffusers.models.attention_dispatch as dispatch
     from diffusers import ContextParallelConfig
 
     dispatch._native_flash_attention_forward_op = _cpu_flash_forward_op  # these test processes only
     model = tiny_vace_transformer()
     model.set_attention_backend("_native_flash")
-    model.enable_parallelism(config=ContextParallelConfig(ring_degree=WORLD), cp_plan=hc.cp_plan(model))
+    model.enable_parallelism(config=ContextParallelConfig(**{degree: WORLD}), cp_plan=hc.cp_plan(model))
     return model
 
 
-def _ring_run(rank: int, schedule: str, options: dict) -> dict:
-    model = _ring_model()
+def _flash_run(rank: int, schedule: str, options: dict, degree: str = "ring_degree") -> dict:
+    model = _flash_model(degree)
     compiled = torch.compile(model, backend="hetcache",
                              options={"inner_backend": "aot_eager", "schedule": schedule, **options})
     with warnings.catch_warnings(record=True) as caught, torch.no_grad():
@@ -268,23 +282,26 @@ def _ring_run(rank: int, schedule: str, options: dict) -> dict:
     branch = next(iter(stats.branches.values()))
     return {"outputs": outputs, "said": [str(w.message) for w in caught if str(w.message).startswith("hetcache")],
             "graphs": stats.graphs, "refused": stats.fallback_reasons, "history": branch.history,
-            "fractions": branch.token_fractions}
+            "fractions": branch.token_fractions, "reuse_ops": _reuse_collectives(model)}
 
 
-def test_ring_runs_full_partial_and_reuse_steps_and_a_fixed_schedule_equals_one_process():
+@pytest.mark.parametrize("degree", ["ring_degree", "ulysses_degree"])
+def test_on_a_flash_backend_full_partial_and_reuse_steps_equal_one_process(degree):
     """Ring attention needs a backend that returns the log-sum-exp: on the CPU, diffusers' ``_native_flash``
-    with its op swapped for the CPU flash kernel (in the test processes only). Each rank caches its own
-    context rows, all heads, joined to its fresh rows before the gather of keys and values."""
+    with its op swapped for the CPU flash kernel (in the test processes only). Under Ring each rank caches
+    its own context rows, all heads, joined to its fresh rows before the gather of keys and values; under
+    Ulysses the attention is the backend's kernel (its arguments read by name), not SDPA."""
     schedule = "FFPRPRPF"
-    results = _spawn(_ring_run, schedule, ALL_TOKENS)
+    results = _spawn(_flash_run, schedule, ALL_TOKENS, degree)
     expected = _single_process_hetcache(schedule, ALL_TOKENS)
     kinds = {"F": "full", "P": "partial", "R": "reuse"}
     for result in results:
         assert result["graphs"] == 1 and result["refused"] == [] and result["said"] == []
+        assert result["reuse_ops"] == 0  # no collective nor attention kept alive in a step that skips the stack
         assert result["history"] == [kinds[letter] for letter in schedule]
         for output, reference in zip(result["outputs"], expected):
             torch.testing.assert_close(torch.from_numpy(output), reference, rtol=1e-5, atol=1e-5)
-    selected = _spawn(_ring_run, "FPPFPPRP", {})
+    selected = _spawn(_flash_run, "FPPFPPRP", {}, degree)
     assert selected[0]["fractions"] == selected[1]["fractions"] and 0 < selected[0]["fractions"][0] < 1
 
 
