@@ -16,6 +16,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 
@@ -25,7 +27,8 @@ if str(REPO_ROOT / "tests") not in sys.path:
 from models import edit_inputs, tiny_vace_pipeline, tiny_vace_transformer  # noqa: E402
 
 __all__ = [
-    "REPO_ROOT", "RESULTS_DIR", "command_line", "cpu_model", "edit_inputs", "machine_description", "source_description",
+    "REPO_ROOT", "RESULTS_DIR", "command_line", "cpu_model", "dynamo_graphs", "edit_inputs", "machine_description",
+    "source_description",
     "markdown_table", "tiny_vace_pipeline", "tiny_vace_transformer", "utc_now", "write_table",
 ]
 
@@ -124,3 +127,18 @@ def write_table(name: str, title: str, columns: Sequence[str], rows: Sequence[Se
     print(text)
     print(f"(written to {path.relative_to(REPO_ROOT)})")
     return path
+
+
+def dynamo_graphs(model: torch.nn.Module, inputs: dict) -> list[tuple[torch.fx.GraphModule, list]]:
+    """The graphs (and example inputs) Dynamo makes of one call ``model(**inputs)``, compiling nothing
+    (``dynamic=False``; Dynamo's caches are reset first)."""
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append((gm, example_inputs))
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=capture, dynamic=False)(**inputs, return_dict=False)
+    return graphs

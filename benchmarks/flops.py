@@ -32,7 +32,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import hetcache_compile.passes as passes  # noqa: E402
-from common import command_line, machine_description, utc_now, write_table  # noqa: E402
+from common import command_line, dynamo_graphs, machine_description, utc_now, write_table  # noqa: E402
 
 from hetcache_compile.config import PRESETS, HetCacheConfig  # noqa: E402
 from hetcache_compile.priors import classify_tokens, mask_to_token_grid  # noqa: E402
@@ -81,16 +81,7 @@ def trace_meta_model(config: dict, frames: int, height: int, width: int, text_le
         encoder_hidden_states=torch.empty(1, text_len, config["text_dim"], device="meta"),
         control_hidden_states=torch.empty(1, config["vace_in_channels"], *shape[2:], device="meta"),
     )
-    graphs = []
-
-    def capture(gm, example_inputs):
-        graphs.append((gm, example_inputs))
-        return gm.forward
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        torch.compile(model, backend=capture)(**inputs, return_dict=False)
-    return graphs[0]
+    return dynamo_graphs(model, inputs)[0]
 
 
 def variant_flops(config: dict, frames: int, height: int, width: int, selected: list[int],

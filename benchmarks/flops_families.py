@@ -27,7 +27,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import hetcache_compile.passes as passes  # noqa: E402
-from common import command_line, machine_description, utc_now, write_table  # noqa: E402
+from common import command_line, dynamo_graphs, machine_description, utc_now, write_table  # noqa: E402
 from flops import (  # noqa: E402
     WAN_VACE_1_3B,
     VariantFlops,
@@ -203,16 +203,7 @@ def trace(case: FamilyCase):
     """Dynamo's graph and example inputs of ``case``'s transformer on the meta device."""
     with torch.device("meta"):
         model, inputs = case.build()
-    graphs = []
-
-    def capture(gm, example_inputs):
-        graphs.append((gm, example_inputs))
-        return gm.forward
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        torch.compile(model.eval(), backend=capture, dynamic=False)(**inputs, return_dict=False)
-    return max(graphs, key=lambda item: len(item[0].graph.nodes))
+    return max(dynamo_graphs(model.eval(), inputs), key=lambda item: len(item[0].graph.nodes))
 
 
 def row_for(case: FamilyCase, steps: int) -> list[str]:

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import hetcache_compile as hc  # noqa: E402
 import hetcache_compile.passes as passes  # noqa: E402
-from common import command_line, machine_description, markdown_table, utc_now, write_table  # noqa: E402
+from common import command_line, dynamo_graphs, machine_description, markdown_table, utc_now, write_table  # noqa: E402
 from flops import box_mask, count, step_kinds  # noqa: E402
 from flops_families import WAN_VACE_14B  # noqa: E402
 
@@ -70,15 +70,7 @@ def trace_rank(config: dict, world: int, scheme: str = "ulysses"):
             model.set_attention_backend("_native_flash")  # Ring needs the log-sum-exp
         degrees = {"ring_degree": world} if scheme == "ring" else {"ulysses_degree": world}
         model.enable_parallelism(config=ContextParallelConfig(**degrees), cp_plan=hc.cp_plan(model))
-    graphs = []
-
-    def capture(gm, example_inputs):
-        graphs.append((gm, example_inputs))
-        return gm.forward
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        torch.compile(model, backend=capture, dynamic=False)(**inputs, return_dict=False)
+    graphs = dynamo_graphs(model, inputs)
     if len(graphs) != 1:
         raise RuntimeError(f"expected one graph per rank, Dynamo made {len(graphs)}")
     return graphs[0]

@@ -14,7 +14,6 @@ compile of every variant on every rank takes minutes). Rank 0 writes the table, 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -25,24 +24,15 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
 import hetcache_compile as hc  # noqa: E402
 from common import command_line, machine_description, utc_now, write_table  # noqa: E402
 from models import edit_inputs, tiny_vace_pipeline, tiny_vace_transformer  # noqa: E402
+from parallel_edit import start_processes  # noqa: E402  (gloo on the CPU, nccl and one GPU a rank otherwise)
 
 MODEL = dict(num_layers=6, vace_layers=(0, 3), heads=4, head_dim=64, text_dim=64, ffn_dim=1024)
 INPUTS = dict(frames=81, height=128, width=128, text_dim=64)
-
-
-def start_processes() -> torch.device:
-    if torch.cuda.is_available():
-        dist.init_process_group("nccl")
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-        return device
-    torch.accelerator.device_count = lambda: 1  # CPU: diffusers places rank r on device r % device_count
-    dist.init_process_group("gloo")
-    return torch.device("cpu")
 
 
 def timed(device: torch.device, steps: int, repeats: int, **compile_kwargs) -> tuple[list[float], torch.nn.Module,
