@@ -33,7 +33,7 @@ from .passes.offload import wait_for_host_copies
 from .priors import TokenClasses
 from .schedule import StepKind, make_scheduler
 from .selection import complement, relevance, select_tokens
-from .sharding import RankGroup, local_rows, select_shard_tokens
+from .sharding import RankGroup, local_rows, select_shard_tokens, shard_size
 from .stats import BranchStats
 
 logger = logging.getLogger("hetcache_compile")
@@ -141,7 +141,7 @@ class HetCacheRuntime:
         modulation = self._run_probe(args) if self.config.schedule == "adaptive" else None
         kind = self._feasible(state, state.scheduler.next_kind(modulation))
         if self.ranks is not None:
-            kind = self.ranks.agree(kind, self.layout.device(args))
+            kind = self.ranks.agree(kind, self.layout.device(args), self._tokens_a_rank(state, kind))
         try:
             with torch.profiler.record_function(f"hetcache::{kind.value}"):
                 if kind is StepKind.REUSE:
@@ -156,6 +156,15 @@ class HetCacheRuntime:
         state.stats.record(kind.value)
         logger.debug("branch %s call %d: %s", state.stats.name, state.scheduler.calls, kind.value)
         return tuple(outputs)
+
+    def _tokens_a_rank(self, state: BranchState, kind: StepKind) -> int:
+        """The tokens a rank computes in this partial step (0 for other kinds), as every rank must."""
+        if kind is not StepKind.PARTIAL:
+            return 0
+        if state.selection is not None:
+            return state.selection.numel()
+        cfg = self.config
+        return shard_size(state.classes, self.ranks.world, cfg.context_ratio, cfg.margin_ratio, cfg.size_buckets)
 
     def _new_instance(self) -> InstanceState:
         def make_branch(name: str) -> BranchState:

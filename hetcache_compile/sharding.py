@@ -7,8 +7,8 @@ tokens (rank r holds tokens ``[r * n, (r + 1) * n)``, ``n = N / world``) and exc
 - **Agreement.** Every rank must take the same step kind at every call: a rank that reuses while another
   computes would wait forever in an all-to-all. The step kind comes from signals that are the same on
   every rank (the timestep, the schedule, the mask, the modulation), and ``RankGroup.agree`` checks it
-  with one small all-reduce per call: where kinds differ (a per-rank option, a rank whose caches were
-  dropped), every rank takes a full step, which any rank can.
+  with one small all-reduce per call, with a partial step's size: where kinds or sizes differ (a per-rank
+  option or mask, a rank whose caches were dropped), every rank takes a full step, which any rank can.
 - **Balance.** Every rank computes the same number ``k`` of its own tokens in a partial step (the
   all-to-alls need equal shapes): each keeps its generative and selected margin tokens and fills up to
   ``k`` with its most relevant, most representative context tokens. ``k`` is the larger of an equal
@@ -63,16 +63,18 @@ class RankGroup:
         group = dist.distributed_c10d._resolve_process_group(shards.group)
         return cls(group=group, rank=dist.get_rank(group), world=shards.world)
 
-    def agree(self, kind: StepKind, device: torch.device) -> StepKind:
-        """``kind`` if every rank chose it, else ``FULL`` on every rank."""
+    def agree(self, kind: StepKind, device: torch.device, size: int = 0) -> StepKind:
+        """``kind`` if every rank chose it, with the same ``size`` (a partial step's tokens a rank: the
+        exchanges need equal shapes), else ``FULL`` on every rank."""
         cost = _COST[kind]
-        extremes = torch.tensor([cost, -cost], device=device)
+        extremes = torch.tensor([cost, -cost, size, -size], device=device)
         dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=self.group)
-        highest, lowest = extremes.tolist()
-        if highest == -lowest:
+        highest, lowest, largest, smallest = extremes.tolist()
+        if highest == -lowest and largest == -smallest:
             return kind
-        logger.warning("hetcache: rank %d chose a %s step while another rank chose otherwise; every rank takes a "
-                       "full step", self.rank, kind.value)
+        logger.warning("hetcache: rank %d chose a %s step (%d tokens) while another rank chose otherwise (different "
+                       "options, masks or timesteps on the ranks?); every rank takes a full step",
+                       self.rank, kind.value, size)
         return StepKind.FULL
 
     def mean(self, tensor: torch.Tensor) -> torch.Tensor:

@@ -199,6 +199,25 @@ def test_ranks_whose_schedules_disagree_all_take_full_steps_instead_of_deadlocki
         torch.testing.assert_close(torch.from_numpy(output), _single_process(timestep), rtol=1e-5, atol=1e-5)
 
 
+def _masks_differ(rank: int) -> dict:
+    """Each rank given its own mask (a user error): partial steps of different sizes would hang the exchanges."""
+    model = _parallel_vace()
+    edit = TOKEN_EDIT.clone()
+    edit[:, :, 2:] = rank  # rank 1 edits half of each frame more
+    hc.set_mask(model, edit)
+    compiled = torch.compile(model, backend="hetcache",
+                             options={"inner_backend": "aot_eager", "schedule": "FPRPFPRP"})
+    with torch.no_grad():
+        outputs = [compiled(**_inputs(t), return_dict=False)[0].numpy() for t in TIMESTEPS]
+    return {"outputs": outputs, "history": hc.stats(model).branches["cond"].history}
+
+
+def test_ranks_whose_masks_differ_take_full_steps_instead_of_exchanging_unequal_shapes():
+    result, other = _spawn(_masks_differ)
+    assert result["history"] == other["history"] and "partial" not in result["history"]
+    assert "reuse" in result["history"]  # reuse steps exchange nothing and agree
+
+
 def _two_resolutions(rank: int) -> dict:
     model = _parallel_vace()
     compiled = torch.compile(model, backend="hetcache",
