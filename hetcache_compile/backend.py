@@ -23,6 +23,7 @@ from .families import family_of
 from .instances import CompiledFrom, InstanceTable, instance_position
 from .passes import RewriteRefused, Variants, analyze, build_variants, is_symbolic
 from .passes.graph_utils import output_node
+from .passes.errors import ShardingRefused
 from .passes.shards import collective_name
 from .runtime import LIVE_RUNTIMES, HetCacheRuntime
 from .shapes import ShapeSpecializingRuntime
@@ -108,7 +109,7 @@ class HetCacheBackend:
             variants, plan = choose_cache_plan(build, example_inputs, num_outputs, config, limit)
         except RewriteRefused as refused:
             reason = family_of(gm).why(str(refused))
-            if "context parallelism" not in reason and any(collective_name(n) for n in gm.graph.nodes):
+            if not isinstance(refused, ShardingRefused) and any(collective_name(n) for n in gm.graph.nodes):
                 reason += ("; under context parallelism pass cp_plan=hetcache_compile.cp_plan(model) to "
                            "enable_parallelism, so that each rank's model traces as one graph")
             return self._fallback(gm, example_inputs, reason, config, frame_id, in_dynamo)

@@ -99,10 +99,15 @@ def local_rows(indices: torch.Tensor, rank: int, per_shard: int) -> torch.Tensor
 def shard_size(classes: TokenClasses, world: int, context_ratio: float, margin_ratio: float, buckets: int = 0) -> int:
     """``k``: the tokens each of ``world`` shards computes in a partial step (the same on every rank)."""
     per_shard = classes.num_tokens // world
-    required = torch.cat([classes.generative, select_margin(classes.margin, classes.grid, margin_ratio)])
+    required = _required(classes, margin_ratio)
     busiest = int(torch.bincount(required // per_shard, minlength=world).max()) if required.numel() else 0
     share = -(-budget_size(classes, context_ratio, margin_ratio, buckets) // world)
     return min(per_shard, max(share, busiest))
+
+
+def _required(classes: TokenClasses, margin_ratio: float) -> torch.Tensor:
+    """The tokens a partial step always computes: generative and selected margin tokens."""
+    return torch.cat([classes.generative, select_margin(classes.margin, classes.grid, margin_ratio)])
 
 
 def select_shard_tokens(classes: TokenClasses, scores: torch.Tensor, hidden: torch.Tensor, rank: int, world: int,
@@ -111,14 +116,10 @@ def select_shard_tokens(classes: TokenClasses, scores: torch.Tensor, hidden: tor
     tokens picked as on one device (cluster quotas, most relevant first) up to ``shard_size``. ``scores``
     are the relevance of this shard's tokens ``[n]``, ``hidden`` their final hidden states ``[n, D]``."""
     per_shard = classes.num_tokens // world
-
-    def mine(indices: torch.Tensor) -> torch.Tensor:
-        return local_rows(indices, rank, per_shard)
-
     size = shard_size(classes, world, context_ratio, margin_ratio, buckets)
-    required = mine(torch.cat([classes.generative, select_margin(classes.margin, classes.grid, margin_ratio)]))
+    required = local_rows(_required(classes, margin_ratio), rank, per_shard)
     local_scores = scores.cpu()
-    picked = select_context(mine(classes.context), local_scores, hidden, 0.0, num_clusters,
+    picked = select_context(local_rows(classes.context, rank, per_shard), local_scores, hidden, 0.0, num_clusters,
                             budget=size - required.numel())
     chosen = torch.cat([required, picked])
     missing = size - chosen.numel()

@@ -17,8 +17,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .graph_utils import ancestors, module_paths, owning_block, tensor_shape
-from .errors import RewriteRefused
-from .shards import is_ring_site, layout_source, ring_operands
+from .errors import ShardingRefused
+from .shards import attention_ops_reading, is_ring_site, ring_operands
 
 ATTENTION_TARGETS: tuple = (
     F.scaled_dot_product_attention,
@@ -107,25 +107,22 @@ def find_attention_sites(gm: fx.GraphModule, user_inputs: set[str]) -> list[Atte
 def with_ring_sites(gm: fx.GraphModule, sites: list[AttentionSite], world: int) -> list[AttentionSite]:
     """``sites`` with each Ring self-attention's attention ops (one per rank's chunk of keys) replaced by
     one site: the gather of its keys and values (``shards.is_ring_site``)."""
-    by_name = {n.name: n for n in gm.graph.nodes}
     ring, inside = [], set()
     for node in gm.graph.nodes:
         if not is_ring_site(node):
             continue
         query, key, _value = ring_operands(node)
-        ops = [op for op in gm.graph.nodes if is_attention(op)
-               and isinstance(first := attention_operand(op, 0, "query"), fx.Node) and layout_source(first) is query]
-        if query is None or not ops:
-            raise RewriteRefused(f"Ring attention at '{node.name}': no attention op reads this rank's keys, so its "
-                                 "queries are unknown (an attention backend hetcache does not know)")
+        ops = attention_ops_reading(query, position=0, name="query") if query is not None else []
+        if not ops:
+            raise ShardingRefused(f"Ring attention at '{node.name}': no attention op reads this rank's keys, so "
+                                  "its queries are unknown (an attention backend hetcache does not know)")
         inside.update(op.name for op in ops)
-        paths = module_paths(ops[0]) if ops else []
+        paths = module_paths(ops[0])
         ring.append(AttentionSite(node=node.name, module=paths[-1] if paths else "", block=owning_block(node),
                                   kind="self", num_queries=tensor_shape(query)[1],
                                   num_keys=world * tensor_shape(key)[1]))
-    kept = [site for site in sites if site.node not in inside] + ring
-    position = {name: i for i, name in enumerate(by_name)}
-    return sorted(kept, key=lambda site: position[site.node])
+    position = {node.name: i for i, node in enumerate(gm.graph.nodes)}
+    return sorted([site for site in sites if site.node not in inside] + ring, key=lambda site: position[site.node])
 
 
 def in_cache_layout(graph: fx.Graph, site: fx.Node, operand: fx.Node, before: fx.Node) -> fx.Node:

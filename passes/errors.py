@@ -8,6 +8,11 @@ class RewriteRefused(Exception):
     """
 
 
+class ShardingRefused(RewriteRefused):
+    """A whole sharded graph (context parallelism) whose layout the variants cannot serve: the reason is the
+    layout's, not a graph split by graph breaks."""
+
+
 class PassFailed(RuntimeError):
     """A pass produced a graph that failed verification: a bug in hetcache_compile, not in the model."""
 

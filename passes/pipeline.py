@@ -101,8 +101,7 @@ class GraphAnalysis:
         ]
         if self.shards is not None:
             lines.append(f"context parallelism: {self.shards.scheme.capitalize()} over {self.shards.world} ranks "
-                         f"(process group "
-                         f"{self.shards.group!r}); the stack runs on this rank's {r.num_tokens} of "
+                         f"(process group {self.shards.group!r}); the stack runs on this rank's {r.num_tokens} of "
                          f"{r.num_tokens * self.shards.world} tokens")
         lines.append(f"timestep input: {self.timestep_input or 'none found (no runs of steps: nothing is reused)'}")
         if self.modulation is None:
@@ -305,7 +304,7 @@ def _build_checked_partial(gm: fx.GraphModule, analysis: GraphAnalysis, example_
     tokens = analysis.region.num_tokens
     selected = max(1, tokens - 1)
     ring = analysis.shards is not None and analysis.shards.scheme == "ring"
-    world = analysis.shards.world if analysis.shards and not ring else 1  # Ulysses: attention sees every rank's
+    ranks_at_attention = analysis.shards.world if analysis.shards and not ring else 1  # Ulysses: every rank's rows
     if analysis.shards and (recompute or prune == "attention" or (ring and offload)):
         raise RewriteRefused("under context parallelism partial steps store keys and values on the device "
                              "(prune='block', recompute_kv=False; Ring: cache_device as the model's)")
@@ -325,7 +324,7 @@ def _build_checked_partial(gm: fx.GraphModule, analysis: GraphAnalysis, example_
             value = attention_operand(site, position, keyword).meta["example_value"]
             value = value.transpose(1, 2) if ring else value  # cached as [B, H, n, D]
             names = codec.names(f"hetcache_{operand}{j}")
-            extra.update(zip(names, codec.empty_like(value, world * (tokens - selected))))
+            extra.update(zip(names, codec.empty_like(value, ranks_at_attention * (tokens - selected))))
         extra[f"hetcache_a{j}"] = _empty_like_meta(site)
     if prune == "attention":
         joined = [site for site in analysis.self_sites if site.num_queries != tokens]
@@ -343,19 +342,19 @@ def _build_checked_partial(gm: fx.GraphModule, analysis: GraphAnalysis, example_
     except Exception as error:  # noqa: BLE001 - a shape error here means a hard-coded token count
         raise RewriteRefused(f"the block stack does not run on a subset of tokens: {type(error).__name__}: "
                              f"{str(error).splitlines()[0][:200]}") from error
-    carries = check_token_local(gm, partial, analysis.region, selected, world)
+    carries = check_token_local(gm, partial, analysis.region, selected, ranks_at_attention)
     partial.meta[TOKEN_ROWS] = rows = {}
     for name in sites:
         for position, keyword in ((0, "query"), (1, "key")):
             operand = attention_operand(by_name[name], position, keyword)
-            rows[operand.name] = (0, 0) if ring else token_rows(gm.graph, operand, carries, tokens * world)
+            rows[operand.name] = (0, 0) if ring else token_rows(gm.graph, operand, carries, tokens * ranks_at_attention)
     masked = {name: rows[attention_operand(by_name[name], 1, "key").name][0] for name in sites
               if attention_operand(by_name[name], 3, "attn_mask") is not None}
     if any(masked.values()):  # text rows before the tokens under a key-padding mask: cached rows go after them
         partial = build_partial_variant(gm, analysis.region, analysis.token_inputs, sites, codec, recompute, offload,
                                         key_offsets=masked, shards=analysis.shards)
         propagate_fake_shapes(partial, placeholder_examples(partial, example_inputs, extra))
-        check_token_local(gm, partial, analysis.region, selected, world)
+        check_token_local(gm, partial, analysis.region, selected, ranks_at_attention)
         partial.meta[TOKEN_ROWS] = rows
     if recompute and any(extra for _offset, extra in rows.values()):
         raise RewriteRefused("recompute_kv: the keys attend over text rows joined to the tokens, which a "

@@ -1,7 +1,7 @@
 """Context parallelism: how a graph traced under diffusers' ``enable_parallelism`` is sharded.
 
 Contract: ``find_shards(gm, region)`` returns None for a graph without collectives, a ``ShardLayout``
-for one the variants can serve, and raises ``RewriteRefused`` naming the collective otherwise.
+for one the variants can serve, and raises ``ShardingRefused`` naming the collective otherwise.
 
 Served: Ulysses and Ring (not both at once). Each rank's graph splits the token stream into ``world`` equal
 shards before the block stack (Dynamo bakes the rank in: ``chunk(world, dim=1)[rank]``), so the region runs on
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from .errors import RewriteRefused
+from .errors import ShardingRefused
 from .token_region import TokenRegion
 
 _OPS = torch.ops._c10d_functional
@@ -54,21 +54,21 @@ def find_shards(gm: fx.GraphModule, region: TokenRegion) -> ShardLayout | None:
     inside = [(node, name) for node, name in collectives if node.name in region.nodes]
     for node, name in inside:
         if name not in ("all_to_all_single", "wait_tensor") and not is_ring_site(node):
-            raise RewriteRefused(f"the block stack holds the collective {name} ('{node.name}'), which is neither a "
+            raise ShardingRefused(f"the block stack holds the collective {name} ('{node.name}'), which is neither a "
                                  "Ulysses all-to-all nor a Ring gather of keys and values")
     exchanges = [node for node, name in inside if name == "all_to_all_single"]
     rings = [node for node, _ in inside if is_ring_site(node)]
     if exchanges and rings:
-        raise RewriteRefused("the block stack mixes Ulysses all-to-alls and Ring gathers (ulysses_degree and "
+        raise ShardingRefused("the block stack mixes Ulysses all-to-alls and Ring gathers (ulysses_degree and "
                              "ring_degree both above 1): use one of them")
     if rings:
         return ShardLayout(world=rings[0].args[1], group=rings[0].args[2], scheme="ring")
     if not exchanges:
-        raise RewriteRefused("the graph holds collectives but no all-to-all in the block stack: a context-parallel "
+        raise ShardingRefused("the graph holds collectives but no all-to-all in the block stack: a context-parallel "
                              "layout hetcache does not know")
     layouts = {_layout_of(node) for node in exchanges}
     if len(layouts) != 1 or None in layouts:
-        raise RewriteRefused(f"the all-to-all '{exchanges[0].name}' splits unequally (ulysses_anything): "
+        raise ShardingRefused(f"the all-to-all '{exchanges[0].name}' splits unequally (ulysses_anything): "
                              "partial steps need equal shards")
     return layouts.pop()
 
@@ -100,19 +100,37 @@ def ring_operands(gather: fx.Node) -> tuple[fx.Node | None, fx.Node, fx.Node]:
     if joined.target == "contiguous":
         joined = joined.args[0]
     key, value = (part.args[0] for part in joined.args[0])
-    for op in key.graph.nodes:
-        if op.op != "call_function" or "attention" not in str(getattr(op.target, "__name__", op.target)):
-            continue
-        operands = [op.args[i] if len(op.args) > i else op.kwargs.get(name) for i, name in enumerate(("query", "key"))]
-        if all(isinstance(x, fx.Node) for x in operands) and layout_source(operands[1]) is key:
-            return layout_source(operands[0]), key, value
+    for op in attention_ops_reading(key, position=1, name="key"):
+        return layout_source(_operand(op, 0, "query")), key, value
     return None, key, value
+
+
+def attention_ops_reading(node: fx.Node, position: int, name: str) -> list[fx.Node]:
+    """The attention ops (an op whose name says so) that take ``node``, through transposes and ``contiguous``,
+    as their argument ``name`` (at ``position`` when passed positionally)."""
+    laid_out, found = [node], []
+    for source in laid_out:
+        for user in source.users:
+            if _is_layout_op(user):
+                laid_out.append(user)
+            elif (user.op == "call_function" and "attention" in str(getattr(user.target, "__name__", user.target))
+                  and _operand(user, position, name) is source and user not in found):
+                found.append(user)
+    return found
+
+
+def _operand(op: fx.Node, position: int, name: str) -> object:
+    return op.args[position] if len(op.args) > position else op.kwargs.get(name)
+
+
+def _is_layout_op(node: fx.Node) -> bool:
+    return (node.op == "call_method" and node.target in ("transpose", "contiguous")) or node.target in (
+        torch.transpose, torch.Tensor.contiguous)
 
 
 def layout_source(node: fx.Node) -> fx.Node:
     """``node`` before the transposes and copies that only change its memory layout."""
-    while node.op == "call_method" and node.target in ("transpose", "contiguous") or node.target in (
-            torch.transpose, torch.Tensor.contiguous):
+    while _is_layout_op(node):
         node = node.args[0]
     return node
 

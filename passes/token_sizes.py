@@ -66,9 +66,8 @@ def size_tokens_at_run_time(graph: fx.Graph, region: TokenRegion, shards: ShardL
 
 
 def _rewrite_reshape(node: fx.Node, tokens: int) -> bool:
-    source = tensor_shape(node.args[0])
-    shape = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], list | tuple) else node.args[1:]
-    if source is None or not shape or not all(isinstance(size, int) for size in shape):
+    source, shape = tensor_shape(node.args[0]), _reshape_sizes(node)
+    if source is None or shape is None:
         return False
     leading = 0
     while leading < min(len(shape), len(source)) and shape[leading] == source[leading]:

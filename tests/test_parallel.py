@@ -123,9 +123,13 @@ def _reuse_collectives(model: torch.nn.Module) -> int:
 
 def _hetcache_run(rank: int, schedules: tuple[str, ...], options: dict, family: str = "vace") -> dict:
     """A hetcache model with rank r's schedule ``schedules[r]``, called at ``TIMESTEPS``."""
-    model = _parallel_vace(family)
+    return _run(_parallel_vace(family), schedules[rank], options, family)
+
+
+def _run(model: torch.nn.Module, schedule: str, options: dict, family: str = "vace") -> dict:
+    """``model`` compiled by hetcache with ``schedule``, called at ``TIMESTEPS``: outputs, warnings, statistics."""
     compiled = torch.compile(model, backend="hetcache",
-                             options={"inner_backend": "aot_eager", "schedule": schedules[rank], **options})
+                             options={"inner_backend": "aot_eager", "schedule": schedule, **options})
     with warnings.catch_warnings(record=True) as caught, torch.no_grad():
         warnings.simplefilter("always")
         outputs = [compiled(**_family_inputs(family, t), return_dict=False)[0].numpy() for t in TIMESTEPS]
@@ -291,17 +295,7 @@ def _flash_model(degree: str) -> torch.nn.Module:
 
 
 def _flash_run(rank: int, schedule: str, options: dict, degree: str = "ring_degree") -> dict:
-    model = _flash_model(degree)
-    compiled = torch.compile(model, backend="hetcache",
-                             options={"inner_backend": "aot_eager", "schedule": schedule, **options})
-    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
-        warnings.simplefilter("always")
-        outputs = [compiled(**_inputs(t), return_dict=False)[0].numpy() for t in TIMESTEPS]
-    stats = hc.stats(model)
-    branch = next(iter(stats.branches.values()))
-    return {"outputs": outputs, "said": [str(w.message) for w in caught if str(w.message).startswith("hetcache")],
-            "graphs": stats.graphs, "refused": stats.fallback_reasons, "history": branch.history,
-            "fractions": branch.token_fractions, "reuse_ops": _reuse_collectives(model)}
+    return _run(_flash_model(degree), schedule, options)
 
 
 @pytest.mark.parametrize("degree", ["ring_degree", "ulysses_degree"])

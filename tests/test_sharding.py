@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.fx as fx
 
-from hetcache_compile.passes import RewriteRefused, TokenRegion
+from hetcache_compile.passes import TokenRegion
+from hetcache_compile.passes.errors import ShardingRefused
 from hetcache_compile.passes.shards import ShardLayout, find_shards
 from hetcache_compile.priors import classify_tokens
 from hetcache_compile.sharding import select_shard_tokens, shard_size
@@ -77,7 +78,7 @@ def _graph_with(collective: str) -> tuple[fx.GraphModule, TokenRegion]:
 def test_shards_pass_reads_ulysses_and_ring_and_refuses_other_collectives_and_unequal_splits_by_name():
     assert find_shards(*_graph_with("equal")) == ShardLayout(world=2, group="0")
     assert find_shards(*_graph_with("ring")) == ShardLayout(world=2, group="0", scheme="ring")
-    with pytest.raises(RewriteRefused, match="all_gather_into_tensor.*neither"):
+    with pytest.raises(ShardingRefused, match="all_gather_into_tensor.*neither"):
         find_shards(*_graph_with("all_gather"))
-    with pytest.raises(RewriteRefused, match="unequally"):
+    with pytest.raises(ShardingRefused, match="unequally"):
         find_shards(*_graph_with("unequal"))
