@@ -38,8 +38,10 @@ from flops import (  # noqa: E402
     step_kinds,
 )
 
+from hetcache_compile.budget import choose_cache_plan  # noqa: E402
 from hetcache_compile.config import HetCacheConfig  # noqa: E402
 from hetcache_compile.families import family_of  # noqa: E402
+from hetcache_compile.passes.graph_utils import output_node  # noqa: E402
 from hetcache_compile.priors import classify_tokens, mask_to_token_grid  # noqa: E402
 from hetcache_compile.selection import budget_size  # noqa: E402
 
@@ -209,8 +211,8 @@ def trace(case: FamilyCase):
 def row_for(case: FamilyCase, steps: int) -> list[str]:
     gm, example_inputs = trace(case)
     analysis = passes.analyze(gm, example_inputs, family_of(gm).hints)
-    variants = passes.build_variants(gm, analysis, example_inputs)
     config = HetCacheConfig()
+    variants = default_plan_variants(gm, analysis, example_inputs, config)
     kinds = step_kinds(config, steps)
     if variants.partial is None:  # partial steps run as full steps
         outputs = []
@@ -235,7 +237,8 @@ def row_for(case: FamilyCase, steps: int) -> list[str]:
     full = count(lambda: variants.full(*example_inputs))
     index = torch.arange(size, device="meta")
     context = [c.narrow(-2, size, c.shape[-2] - size) for c in recorded.caches]
-    extra = passes.partial_arguments(index, recorded.exit, None, context)
+    rows = torch.arange(size, num_tokens, device="meta")
+    extra = passes.partial_arguments(index, recorded.exit, rows, context, recompute=variants.recompute)
     partial = count(lambda: variants.partial(*example_inputs, *extra))
     reuse = count(lambda: variants.reuse(*example_inputs, recorded.residual))
     probe = _probe_flops(variants, example_inputs)
@@ -244,9 +247,20 @@ def row_for(case: FamilyCase, steps: int) -> list[str]:
     selection = selection_cost(num_tokens, classes.generative.numel(), classes.context.numel(), heads)
     baseline = case.branches * steps * (full + probe)
     total = run_flops(flops, kinds, size, selection) * case.branches // 2
-    return [case.model, case.size, case.cfg, case.mask_source, "yes",
+    return [case.model, case.size, case.cfg, case.mask_source,
+            "yes, keys/values " + ("recomputed" if variants.recompute else "stored"),
             f"{num_tokens} tokens, grid {list(grid)}; |S|/N {100 * size / num_tokens:.0f}%; partial/full "
             f"{partial / full:.2f}", f"{baseline / 1e15:.1f} -> {total / 1e15:.1f}", f"{baseline / total:.2f}x"]
+
+
+def default_plan_variants(gm, analysis, example_inputs, config: HetCacheConfig) -> passes.Variants:
+    """The variants under the cache plan the backend picks by default (no budget): keys and values
+    recomputed where the graph allows it, else stored."""
+    def build(cache_dtype, recompute):
+        return passes.build_variants(gm, analysis, example_inputs, recompute=recompute)
+
+    num_outputs = len(output_node(gm.graph).args[0])
+    return choose_cache_plan(build, example_inputs, num_outputs, config, limit=None)[0]
 
 
 def _probe_flops(variants, example_inputs) -> int:

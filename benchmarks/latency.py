@@ -6,7 +6,7 @@ Wan2.1-VACE-1.3B's published config, for a GPU) for each configuration:
 
 * ``eager``: the transformer uncompiled;
 * ``torch.compile``: plain ``torch.compile(backend=<inner backend>)`` (Inductor by default), the baseline;
-* ``hetcache adaptive``: ``backend="hetcache"`` with default options;
+* ``hetcache adaptive``: ``backend="hetcache"`` with default options (keys and values recomputed);
 * ``hetcache adaptive, partial=False``: the same with step-level caching only (full or reuse);
 * ``hetcache fixed``: a fixed schedule ``FF`` + ``RF``... that reuses about half the steps;
 * ``hetcache full``: ``schedule="full"``, never reuses (measures the runtime's own overhead).
@@ -24,17 +24,21 @@ measured against the eager output video.
     python benchmarks/latency.py --medium    # dim 256, 768 tokens, writes benchmarks/results/latency_medium.md
     python benchmarks/latency.py --size wan-1.3b --device cuda --dtype bfloat16   # writes latency_gpu.md
 
-On a GPU every timer synchronizes the device first, and the table adds the peak GPU memory of
-each configuration. ``--configs`` picks configurations (the cache plans ``recompute``, ``float8``,
-``float8-recompute`` and ``host`` run only when named) and ``--deadline`` skips the ones that
-would start after it; the table is rewritten after each configuration, so a run stopped early
-still leaves its rows (the FLOPs columns are filled at the end).
+On a GPU every timer synchronizes the device first. The table gives each configuration's peak
+memory: its copy of the transformer plus the most allocated during one run (activations and
+hetcache's caches); on a GPU from ``torch.cuda.max_memory_allocated`` over its runs, on the CPU
+from the allocator's events in ``torch.profiler`` over one extra, untimed run. ``--configs`` picks
+configurations (the cache plans ``stored`` (keys and values as computed, the default before
+2026-12-06), ``recompute``, ``float8``, ``float8-recompute`` and ``host`` run only when named) and
+``--deadline`` skips the ones that would start after it; the table is rewritten after each
+configuration, so a run stopped early still leaves its rows (the FLOPs columns are filled at the end).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import gc
 import inspect
 import logging
@@ -84,8 +88,9 @@ SIZES = {
     "wan-1.3b": Size("latency_gpu", None, dict(frames=33, height=480, width=832, text_len=512, text_dim=4096)),
 }
 CONFIG_KEYS = ("eager", "compile", "adaptive", "no-partial", "fixed", "full")
-PLAN_KEYS = ("recompute", "float8", "float8-recompute", "host")  # the cache plans (issue 14): named to run
-PLAN_OPTIONS = {"recompute": {"recompute_kv": True}, "float8": {"cache_dtype": "float8_e4m3fn"},
+PLAN_KEYS = ("stored", "recompute", "float8", "float8-recompute", "host")  # the cache plans (issue 14): named to run
+PLAN_OPTIONS = {"stored": {"recompute_kv": False}, "recompute": {"recompute_kv": True},
+                "float8": {"cache_dtype": "float8_e4m3fn"},
                 "float8-recompute": {"cache_dtype": "float8_e4m3fn", "recompute_kv": True},
                 "host": {"cache_device": "cpu"}}
 
@@ -126,7 +131,10 @@ class Result:
     graphs: int | None = None
     fallback: str | None = None
     consistent: bool = True                      # same step kinds in every timed run
-    peak_memory: float | None = None             # GPU only: peak bytes allocated above what was there before
+    peak_memory: float | None = None             # the copy of the transformer + the most a run allocates (bytes)
+    cache_bytes: int | None = None               # the most hetcache's caches held during a run (its own count)
+    plan: str | None = None                      # hetcache's cache plan
+    recomputed: bool = False                     # the plan recomputes keys and values (FLOPs)
 
     @property
     def median(self) -> float:
@@ -159,6 +167,37 @@ class TransformerTimer:
 
     def _after(self, module, args, output):
         self.total += synchronized_clock(self._device) - self._start
+
+
+class CacheMeter:
+    """The most hetcache's caches held after any transformer call (its own count, ``hc.stats().cache_bytes``)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.most = 0
+        module.register_forward_hook(self._after)
+
+    def _after(self, module, args, output):
+        self.most = max(self.most, hc.stats(module).cache_bytes)
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+def profiled_peak_bytes(run: Callable[[], object]) -> int:
+    """The most ``run()`` has allocated at once on the CPU above what was allocated when it started,
+    from the allocator's events that ``torch.profiler`` records with ``profile_memory=True``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")]
+    live = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
 
 
 def run_pipeline(pipe, inputs: dict, steps: int) -> torch.Tensor:
@@ -206,6 +245,7 @@ def benchmark(config: Config, base: torch.nn.Module, inputs: dict, steps: int, r
     pipe = tiny_vace_pipeline(model).to(device)
     pipe.set_progress_bar_config(disable=True)
     timer = TransformerTimer(model, device)
+    caches = CacheMeter(model) if config.is_hetcache else None
 
     log.info("[%s] compile + warm-up run ...", config.name)
     start = synchronized_clock(device)
@@ -232,9 +272,10 @@ def benchmark(config: Config, base: torch.nn.Module, inputs: dict, steps: int, r
 
     result = Result(config, warmup, seconds, output)
     result.transformer_seconds = transformer_seconds
-    if device.type == "cuda":
-        result.peak_memory = torch.cuda.max_memory_allocated(device) - memory_before
     if config.is_hetcache:
+        plans = [rt.plan for rt in hc.runtimes(model) if getattr(rt, "plan", None) is not None]
+        result.plan = ", ".join(sorted({plan.name for plan in plans})) or "none (no partial steps)"
+        result.recomputed = any(plan.recompute for plan in plans)
         stats = hc.stats(model)
         result.token_fraction = stats.token_fraction
         result.steps = per_run_steps[-1]
@@ -243,6 +284,16 @@ def benchmark(config: Config, base: torch.nn.Module, inputs: dict, steps: int, r
         result.compile_seconds = sum(stats.compile_seconds.values())
         result.graphs = stats.graphs
         result.fallback = stats.fallback_reason
+    if device.type == "cuda":
+        result.peak_memory = torch.cuda.max_memory_allocated(device) - memory_before
+    else:  # one more run, from no caches, as the timed runs start after hc.reset
+        if config.is_hetcache:
+            hc.reset(model)
+        gc.collect()
+        one_run = functools.partial(run_pipeline, pipe, inputs, steps)
+        result.peak_memory = module_bytes(module) + profiled_peak_bytes(one_run)
+    if caches is not None:
+        result.cache_bytes = caches.most
     del pipe, model, module
     return result
 
@@ -258,8 +309,7 @@ def flops_reductions(base: torch.nn.Module, input_kwargs: dict, results: list[Re
     sizes = {r.config.name: round(r.token_fraction * tokens) for r in results if r.token_fraction}
     text_len = input_kwargs.get("text_len", inspect.signature(edit_inputs).parameters["text_len"].default)
     counted = variant_flops(config, frames, height, width, list(sizes.values()) or [tokens], text_len=text_len)
-    recomputes = {r.config.name for r in results
-                  if (r.config.options or {}).get("recompute_kv") and r.config.name in sizes}
+    recomputes = {r.config.name for r in results if r.recomputed and r.config.name in sizes}
     recomputed = (variant_flops(config, frames, height, width, [sizes[name] for name in recomputes],
                                 text_len=text_len, recompute=True) if recomputes else None)
     full_run = 2 * steps * counted.full
@@ -316,10 +366,11 @@ def run_configs(configs: list[Config], base: torch.nn.Module, inputs: dict, step
 
 COLUMNS = ["config", "median s/run", "min s/run", "speedup vs torch.compile", "transformer s/run",
            "transformer speedup", "FLOPs reduction", "speedup / FLOPs reduction", "steps full/partial/reuse",
-           "max abs diff vs eager", "mean abs diff vs eager", "warm-up run s (compile)"]
+           "max abs diff vs eager", "mean abs diff vs eager", "warm-up run s (compile)", "peak memory MiB",
+           "peak vs torch.compile", "cache plan (caches MiB)"]
 
 
-def table_rows(results: list[Result], reductions: dict[str, float], steps: int, gpu: bool) -> list[list[str]]:
+def table_rows(results: list[Result], reductions: dict[str, float], steps: int) -> list[list[str]]:
     """One row per config; ratios are against the torch.compile row (else the first row) of the same run."""
     na = "n/a"
     reference = next((r.output for r in results if r.config.key == "eager" and r.error is None), None)
@@ -328,7 +379,7 @@ def table_rows(results: list[Result], reductions: dict[str, float], steps: int, 
     rows = []
     for r in results:
         if r.error is not None:
-            rows.append([r.config.name, f"ERROR: {r.error}"] + [na] * (len(COLUMNS) - 2 + gpu))
+            rows.append([r.config.name, f"ERROR: {r.error}"] + [na] * (len(COLUMNS) - 2))
             continue
         if reference is not None:
             diff = (r.output - reference).abs()
@@ -353,8 +404,8 @@ def table_rows(results: list[Result], reductions: dict[str, float], steps: int, 
                f"{reduction:.2f}x" if reduction else na,
                f"{100 * model_speedup / reduction:.0f}%" if reduction else na,
                steps_cell, max_diff, mean_diff, warmup]
-        if gpu:
-            row.append(f"{r.peak_memory / 2**30:.1f}")
+        row += [f"{r.peak_memory / 2**20:.0f}", f"{r.peak_memory / baseline.peak_memory:.2f}x",
+                f"{r.plan} ({r.cache_bytes / 2**20:.1f})" if r.plan else na]
         rows.append(row)
     return rows
 
@@ -368,11 +419,16 @@ def table_notes(results: list[Result], inner: str, gpu: bool) -> list[str]:
              "speedup over the FLOPs reduction (100%: every FLOP saved shows in wall-clock time).",
              "Output diffs compare the decoded video in [0, 1] with the eager run."]
     if gpu:
-        notes.append("Peak GPU memory: the most allocated during the config (its copy of the transformer, activations, "
-                     "hetcache's caches) above what was allocated before it (the base model); timers synchronize "
-                     "the GPU.")
+        notes.append("Peak memory: the most GPU memory allocated during the config (its copy of the transformer, "
+                     "activations, hetcache's caches) above what was allocated before it (the base model), over its "
+                     "compile, warm-up and timed runs; timers synchronize the GPU.")
     else:
+        notes.append("Peak memory: the config's copy of the transformer plus the most the CPU allocator held at once "
+                     "above the start of one more run (untimed, under torch.profiler's memory events; hetcache from "
+                     "no caches, as each timed run starts): activations, the VAE's and hetcache's caches.")
         notes.append("The CPU is shared: a min far below the median means other processes interfered.")
+    notes.append("Cache plan: the one each hetcache config ran; in brackets the most its caches held after any "
+                 "transformer call (hetcache's own count, `stats().cache_bytes`).")
     notes += ["", "Step kinds per branch (last timed run):", ""]
     for r in results:
         for branch, history in r.histories.items():
@@ -465,10 +521,9 @@ def main(argv: list[str] | None = None) -> None:
             f"wall time so far {total:.0f} s",
             *args.note,
         ]
-        columns = COLUMNS + (["peak GPU memory GiB"] if gpu else [])
-        rows = table_rows(results, reductions, args.steps, gpu)
+        rows = table_rows(results, reductions, args.steps)
         title = f"Latency: WanVACE masked edit, size {args.size}, on {'GPU' if gpu else 'CPU'}"
-        write_table(name, title, columns, rows, header, table_notes(results, args.inner_backend, gpu))
+        write_table(name, title, COLUMNS, rows, header, table_notes(results, args.inner_backend, gpu))
 
     total_start = time.perf_counter()
     results = run_configs(configs, base, inputs, args.steps, args.repeats, args.deadline,

@@ -77,15 +77,16 @@ def main() -> None:
         weights[name] = sum(p.numel() * p.element_size() for p in model.parameters())
         height, width = (int(v) for v in size.split("x"))
         plans = cache_memory(model, meta_inputs(config, frames, height, width))
-        plan_names = plan_names or [p.plan for p in plans]
+        default = next((p for p in plans if p.cache_dtype is None and p.recompute_kv), plans[0])
+        plan_names = plan_names or [p.plan + (" = default" if p is default else "") for p in plans]
         row = [name, f"{size} x {frames}", f"{plans[0].num_tokens:,}", plans[0].cached_sites,
                f"{weights[name] / GIB:.1f}"]
         for plan in plans:
             caches = BRANCHES * plan.bytes_per_branch
             row += [f"{caches / GIB:.1f}", fits(weights[name] + caches)]
-        exact = plans[0]  # as computed, in host memory: what stays on the device, what goes to the host
-        on_device = BRANCHES * exact.offloaded_bytes_per_branch
-        row += [f"{on_device / GIB:.1f}", f"{BRANCHES * exact.key_value_bytes / GIB:.1f}",
+        # the default plan in host memory: what stays on the device, what goes to the host
+        on_device = BRANCHES * default.offloaded_bytes_per_branch
+        row += [f"{on_device / GIB:.1f}", f"{BRANCHES * default.key_value_bytes / GIB:.1f}",
                 fits(weights[name] + on_device)]
         rows.append(row)
         torch._dynamo.reset()
@@ -93,7 +94,7 @@ def main() -> None:
     columns = ["model", "video (px x frames)", "tokens", "cached sites", "weights (GiB)"]
     for plan in plan_names:
         columns += [f"caches, {plan} (GiB)", f"fits (GB) {plan}"]
-    columns += [f"caches on the GPU, {plan_names[0]}, in host memory (GiB)", "host memory (GiB)",
+    columns += ["caches on the GPU, default plan in host memory (GiB)", "host memory (GiB)",
                 "fits (GB), in host memory"]
     write_table(
         args.name, "hetcache cache memory at real scale (two CFG branches, bfloat16 model)", columns, rows,
@@ -103,12 +104,13 @@ def main() -> None:
                "of every self-attention site right after a full step, the relevance query and key, the residual "
                "and its slope). 'fits': GPU sizes (GB) where bfloat16 weights plus these caches fit; the "
                "activations of the step being computed come on top (plain torch.compile's own peak).",
-               "Plans (what `max_cache_bytes` chooses among, most accurate first): as computed (bfloat16 keys "
-               "and values); `recompute_kv=True` (the keys' and values' projection input, one tensor for two: "
-               "exact, costs two projections of the context rows a site); `cache_dtype='float8_e4m3fn'` (one "
-               "byte a value and a float32 scale per token and head); both. `'bfloat16'` is no plan here: the "
-               "model computes in bfloat16.",
-               "In host memory (`cache_device='cpu'`, exact): every site's keys and values go to pinned host "
+               "Plans (what `max_cache_bytes` chooses among): as computed (bfloat16 keys and values, "
+               "`recompute_kv=False`); recomputed (the default: the keys' and values' projection input, one tensor "
+               "for two: exact, costs two projections of the context rows a site); `cache_dtype='float8_e4m3fn'` "
+               "(one byte a value and a float32 scale per token and head), stored or recomputed. `'bfloat16'` is no "
+               "plan here: the model computes in bfloat16.",
+               "In host memory (`cache_device='cpu'`, exact; the default plan): every site's caches go to pinned "
+               "host "
                "memory right after its attention; a partial step brings each back one attention ahead on a "
                "side stream, so the GPU holds two sites' caches at a time, beside the residual, the final "
                "hidden states and the relevance query and key. The host holds the rest (per-plan host bytes are "

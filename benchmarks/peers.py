@@ -256,10 +256,10 @@ HETCACHE_SETTINGS = [
     {"preset": "fast", "max_consecutive_reuse": 4},  # past 5x
     {"preset": "fast", "max_consecutive_reuse": 5},
     # cache plans (issue 14): the proxy computes in float32, so bfloat16 halves the key/value bytes
-    {"preset": "balanced", "cache_dtype": "bfloat16"},
+    {"preset": "balanced", "cache_dtype": "bfloat16"},  # with the context's keys and values recomputed, as by default
     {"preset": "balanced", "cache_dtype": "float8_e4m3fn"},
-    {"preset": "balanced", "recompute_kv": True},
-    {"preset": "balanced", "cache_dtype": "float8_e4m3fn", "recompute_kv": True},
+    {"preset": "balanced", "recompute_kv": False},  # keys and values stored, the default until 2026-12-06
+    {"preset": "balanced", "cache_dtype": "float8_e4m3fn", "recompute_kv": False},
     {"preset": "balanced", "partial": False},
     {"preset": "fast", "partial": False},
     # zeroth-order reuse (the cached residual as is, the paper's reuse)

@@ -41,12 +41,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import peers  # noqa: E402
 import quality_report  # noqa: E402
-from flops import variant_flops  # noqa: E402
+from flops import recomputes_on_wan, variant_flops  # noqa: E402
 from proxy.model import PROXY_CONFIG  # noqa: E402
 from proxy.specs import PROXIES, ProxySpec, get_proxy  # noqa: E402
 from quality_metrics import FlopCount, clip_scores, hetcache_flops  # noqa: E402
 
 import hetcache_compile as hc  # noqa: E402
+from hetcache_compile import HetCacheConfig  # noqa: E402
 
 
 @dataclass
@@ -117,7 +118,7 @@ def price_hetcache(results: list[Result], proxy: ProxySpec):
     counts = {}
     for r in results:
         if r.method.hetcache and not r.error:
-            recompute = bool(r.method.options_dict.get("recompute_kv"))  # recomputing keys costs FLOPs
+            recompute = recomputes_on_wan(HetCacheConfig.from_options(r.method.options_dict))  # costs FLOPs
             if recompute not in counts:
                 counts[recompute] = variant_flops(dict(PROXY_CONFIG), 4 * (frames - 1) + 1, height * 8, width * 8,
                                                   sizes, text_len=4, recompute=recompute)

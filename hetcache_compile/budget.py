@@ -4,7 +4,8 @@ Two decisions, both against the same limit:
 
 - at compile time, ``choose_cache_plan`` picks the most accurate way to store the partial steps'
   keys and values whose caches, for ``budget_branches`` branches, fit the limit (as computed, then
-  bfloat16, then float8: ``passes/cache_codec.py``); the bytes come from the record graph's shapes;
+  bfloat16, then float8: ``passes/cache_codec.py``; each recomputed from the keys' projection input
+  where the graph allows it: ``passes/recompute.py``); the bytes come from the record graph's shapes;
 - at every full step, ``CacheBudget.admits`` lets a branch record only if its caches fit beside
   the other branches', so the caches never exceed the limit, whatever the branches turn out to be.
 """
@@ -25,10 +26,12 @@ from .passes.variant_io import StepOutputs
 logger = logging.getLogger("hetcache_compile")
 
 AUTO_SHARE = 0.5  # max_cache_bytes="auto": this share of the device memory free at compile time
-# (cache_dtype, recompute_kv), most accurate first: recomputing is exact but costs FLOPs, a narrower
-# type costs accuracy; float16 only when asked (its range is not the model's)
+# every (cache_dtype, recompute_kv) plan, as memory.py prices them: each type stored, then recomputed
 PLAN_ORDER = ((None, False), (None, True), ("bfloat16", False), ("bfloat16", True),
               ("float8_e4m3fn", False), ("float8_e4m3fn", True))
+# the types an unset cache_dtype walks under a budget, most accurate first (float16 only when asked:
+# its range is not the model's)
+NARROWING = (None, "bfloat16", "float8_e4m3fn")
 
 
 def resolve_limit(option: int | str | None, example_inputs: Sequence[object]) -> int | None:
@@ -75,33 +78,45 @@ class CachePlan:
         return text
 
 
+def candidate_plans(config: HetCacheConfig) -> tuple[tuple[str | None, bool], ...]:
+    """The ``(cache_dtype, recompute)`` plans the options leave open, preferred first: an unset
+    ``cache_dtype`` walks ``NARROWING``; an unset ``recompute_kv`` recomputes (exact, half the bytes)
+    before it stores. Set options are taken as they are."""
+    dtypes = NARROWING if config.cache_dtype is None else (config.cache_dtype,)
+    recomputes = (True, False) if config.recompute_kv is None else (config.recompute_kv,)
+    return tuple((cache_dtype, recompute) for cache_dtype in dtypes for recompute in recomputes)
+
+
 def choose_cache_plan(build: Callable[[str | None, bool], Variants], example_inputs: Sequence[object],
                       num_outputs: int, config: HetCacheConfig, limit: int | None) -> tuple[Variants, CachePlan | None]:
-    """Build the variants under the most accurate plan that fits ``limit`` (``build(cache_dtype, recompute)``).
+    """Build the variants under the first of ``candidate_plans`` the model can have whose caches fit
+    ``limit`` (``build(cache_dtype, recompute)``); without a limit, the first the model can have.
 
-    Explicit ``cache_dtype`` / ``recompute_kv`` options, or no limit, are taken as they are. When no
-    plan fits, the smallest is kept and the runtime's ``CacheBudget`` decides per branch. A plan the
-    model cannot have (keys that are not a short projection) is skipped. Returns ``(variants, plan)``;
-    the plan is None when the variants have no partial steps (nothing to cache).
+    A recomputed plan the model cannot have (keys that are not a short projection of the tokens,
+    context parallelism) falls back to storing keys and values when the options allow it; a stored
+    plan is skipped where the same type recomputed was built (it only holds more). When no plan
+    fits, the smallest is kept and the runtime's ``CacheBudget`` decides per branch. Returns
+    ``(variants, plan)``; the plan is None when the variants have no partial steps (nothing to cache).
     """
-    def plan_for(variants: Variants, cache_dtype: str | None, recompute: bool) -> CachePlan:
+    def plan_for(variants: Variants, cache_dtype: str | None) -> CachePlan:
+        if limit is None:  # priced only when there is a limit to hold it to (fake propagation costs seconds)
+            return CachePlan(cache_dtype, variants.recompute, None, None, config.budget_branches, True,
+                             variants.offload)
         per_branch = branch_peak_bytes(variants, example_inputs, num_outputs, config.reuse_order)
-        return CachePlan(cache_dtype, recompute, per_branch, limit, config.budget_branches,
+        return CachePlan(cache_dtype, variants.recompute, per_branch, limit, config.budget_branches,
                          config.budget_branches * per_branch <= limit, variants.offload)
 
-    if config.cache_dtype is not None or config.recompute_kv or limit is None:
-        variants = build(config.cache_dtype, config.recompute_kv)
-        if variants.partial is None:
-            return variants, None
-        if limit is None:  # priced only when there is a limit to hold it to (fake propagation costs seconds)
-            return variants, CachePlan(config.cache_dtype, config.recompute_kv, None, None, config.budget_branches,
-                                       True, variants.offload)
-        return variants, plan_for(variants, config.cache_dtype, config.recompute_kv)
     chosen = None
-    for cache_dtype, recompute, variants in buildable_plans(build, PLAN_ORDER, example_inputs, num_outputs):
+    recomputed_types = set()
+    for cache_dtype, recompute, variants in buildable_plans(build, candidate_plans(config), example_inputs,
+                                                            num_outputs):
         if variants.partial is None:
             return variants, None
-        chosen = (variants, plan_for(variants, cache_dtype, recompute))
+        if not recompute and cache_dtype in recomputed_types:
+            continue
+        if variants.recompute:
+            recomputed_types.add(cache_dtype)
+        chosen = (variants, plan_for(variants, cache_dtype))
         if chosen[1].fits:
             break
     return chosen
@@ -111,13 +126,15 @@ def buildable_plans(build: Callable[[str | None, bool], Variants], plans: Sequen
                     example_inputs: Sequence[object], num_outputs: int) -> Iterator[tuple[str | None, bool, Variants]]:
     """``(cache_dtype, recompute, variants)`` for each of ``plans`` (``(cache_dtype, recompute)`` pairs) the
     model can have, in order: a type no narrower than the model's own is skipped, and so is recomputing
-    where the keys are not a short projection. Variants without partial steps end the walk."""
-    computed_size = None
+    where the keys are not a short projection (once refused, not tried again) if ``plans`` also store
+    that type. Variants without partial steps end the walk."""
+    computed_size, recompute_refused = None, False
     for cache_dtype, recompute in plans:
-        if not_narrower(cache_dtype, computed_size):
+        if not_narrower(cache_dtype, computed_size) or (recompute and recompute_refused):
             continue
         variants = build(cache_dtype, recompute)
-        if variants.partial is None and recompute:
+        if variants.partial is None and recompute and (cache_dtype, False) in plans:
+            recompute_refused = True
             continue
         yield cache_dtype, recompute, variants
         if variants.partial is None:

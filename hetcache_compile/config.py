@@ -100,11 +100,11 @@ class HetCacheConfig:
         max_branches: CFG branches (distinct text conditionings) kept at once; the least
             recently used is dropped beyond it, which bounds cache memory.
         max_cache_bytes: bound on the bytes of all branches' caches, or ``"auto"``: half the
-            device memory free when the graph is compiled (CUDA; no bound on the CPU). With
-            ``cache_dtype=None`` it picks the cache plan, the most accurate whose caches for
-            ``budget_branches`` branches fit, in this order: as computed; recomputed keys and
-            values; bfloat16 (if narrower than the model's type), then with recompute; float8, then
-            with recompute. At every call, a full step records the partial
+            device memory free when the graph is compiled (CUDA; no bound on the CPU). It picks
+            the cache plan among the options left unset (``cache_dtype=None``: as computed, then
+            bfloat16 if narrower than the model's type, then float8; ``recompute_kv=None``:
+            recomputed where the graph allows it, else stored): the first whose caches for
+            ``budget_branches`` branches fit. At every call, a full step records the partial
             steps' caches only if they fit beside the other branches'; a branch that cannot
             record takes full and reuse steps only (logged once). ``None``: no bound.
         budget_branches: CFG branches the cache plan must fit ``max_cache_bytes`` for: 2 for
@@ -129,7 +129,10 @@ class HetCacheConfig:
         recompute_kv: cache, per self-attention site, the tensor its keys and values are projected
             from (one ``[B, N, dim]`` tensor instead of two), and recompute the context's keys and
             values in the partial graph: half the bytes, exact, for about 2 x (N - |S|) x dim^2
-            multiply-adds a site more. ``prune="block"`` only.
+            multiply-adds a site more. ``None`` (the default): wherever the graph allows it
+            (``prune="block"``, the keys a projection of the tokens alone, no context parallelism),
+            else keys and values are stored; ``True``: recompute or take no partial steps;
+            ``False``: store keys and values.
         cache_device: where the context caches live between steps: ``None`` (on the model's device)
             or ``"cpu"``: in pinned host memory. Each site's keys and values leave the device right
             after its attention in a full step and come back, one site ahead, on a side stream in a
@@ -166,7 +169,7 @@ class HetCacheConfig:
     prune: str = "block"
     partial: bool = True
     cache_dtype: str | None = None
-    recompute_kv: bool = False
+    recompute_kv: bool | None = None
     cache_device: str | None = None
     size_buckets: int = 32
 
@@ -207,7 +210,8 @@ class HetCacheConfig:
         _require(self.cache_device in (None, "cpu"), "cache_device", self.cache_device, "None or 'cpu'")
         _require(self.cache_device is None or self.prune == "block", "cache_device", self.cache_device,
                  "None with prune='attention' (its caches are rewritten every partial step)")
-        _require(isinstance(self.recompute_kv, bool), "recompute_kv", self.recompute_kv, "True or False")
+        _require(self.recompute_kv is None or isinstance(self.recompute_kv, bool), "recompute_kv", self.recompute_kv,
+                 "None, True or False")
         _require(not self.recompute_kv or self.prune == "block", "recompute_kv", self.recompute_kv,
                  "False with prune='attention' (it caches attention outputs, not keys and values)")
         _require(self.inner_backend in INNER_BACKENDS, "inner_backend", self.inner_backend,

@@ -91,6 +91,8 @@ def cache_memory(model: torch.nn.Module, inputs: Mapping[str, object], options: 
     for cache_dtype, recompute, variants in buildable_plans(build, plans, example_inputs, num_outputs):
         if variants.partial is None:
             raise RewriteRefused(f"no partial steps, so no key/value caches: {variants.partial_refused}")
+        if recompute and not variants.recompute:  # prune="attention": nothing to recompute from
+            continue
         caches = variants.cache_values(example_inputs, num_outputs)
         computed = computed or caches[0].dtype
         name = (f"as computed ({str(computed).removeprefix('torch.')})" if cache_dtype is None else cache_dtype)

@@ -7,7 +7,7 @@ import torch
 from conftest import compile_hetcache, run
 
 import hetcache_compile as hc
-from hetcache_compile.budget import PLAN_ORDER
+from hetcache_compile.budget import PLAN_ORDER, candidate_plans
 from hetcache_compile.passes.cache_codec import CacheCodec
 
 PARTIAL = {"schedule": "FP", "margin_radius": 1, "context_ratio": 0.25, "margin_ratio": 0.5}
@@ -37,10 +37,10 @@ def _key_value_bytes(model) -> int:
 ])
 def test_narrow_caches_keep_the_partial_step_close_to_full_for_fewer_bytes(transformer, inputs, cache_dtype, atol,
                                                                             share):
-    _, _, default_bytes = _full_then_partial(transformer, inputs)
+    _, _, default_bytes = _full_then_partial(transformer, inputs, recompute_kv=False)
     default_kv = _key_value_bytes(transformer)
     torch._dynamo.reset()
-    full, partial, recorded = _full_then_partial(transformer, inputs, cache_dtype=cache_dtype)
+    full, partial, recorded = _full_then_partial(transformer, inputs, cache_dtype=cache_dtype, recompute_kv=False)
     torch.testing.assert_close(partial, full, rtol=0, atol=atol)
     assert _key_value_bytes(transformer) == pytest.approx(share * default_kv, rel=1e-6)
     assert recorded < default_bytes
@@ -71,6 +71,25 @@ def test_recomputed_keys_and_values_equal_stored_ones_for_half_the_cache(transfo
     assert kv_bytes[True] == pytest.approx(share * kv_bytes[False], rel=1e-6)
 
 
+def test_the_default_plan_recomputes_keys_and_values_and_storing_them_is_an_option(transformer, inputs):
+    """recompute_kv=None: recomputed wherever the graph allows it (half the bytes, the same output);
+    recompute_kv=False stores keys and values as computed."""
+    outputs, kv_bytes, plans = {}, {}, {}
+    for option in (None, False):
+        torch._dynamo.reset()
+        compiled = compile_hetcache(transformer, **PARTIAL, recompute_kv=option)
+        run(compiled, inputs)
+        kv_bytes[option] = _key_value_bytes(transformer)
+        outputs[option] = run(compiled, inputs, **_later(inputs))
+        assert hc.stats(transformer).branches["cond"].history == ["full", "partial"]
+        [runtime] = hc.runtimes(transformer)
+        plans[option] = runtime.plan.name
+        assert f"cache plan: {runtime.plan.name}" in hc.explain(compiled)
+    assert plans == {None: "as computed, keys/values recomputed", False: "as computed"}
+    assert kv_bytes[None] == kv_bytes[False] // 2
+    torch.testing.assert_close(outputs[None], outputs[False], rtol=0, atol=1e-5)
+
+
 def test_recompute_matches_eager_with_every_token_computed_but_one_frame(transformer, inputs):
     """Context rows at the clip's start and end: RoPE must be gathered at the context positions."""
     compiled = compile_hetcache(transformer, schedule="FP", recompute_kv=True, context_ratio=0.0, margin_ratio=0.0,
@@ -83,7 +102,7 @@ def test_recompute_matches_eager_with_every_token_computed_but_one_frame(transfo
 
 
 def test_float8_caches_hold_float8_data_and_a_scale_per_token_and_head(transformer, inputs):
-    _full_then_partial(transformer, inputs, cache_dtype="float8_e4m3fn")
+    _full_then_partial(transformer, inputs, cache_dtype="float8_e4m3fn", recompute_kv=False)
     [runtime] = hc.runtimes(transformer)
     names = [n.name for n in runtime.partial.gm.graph.nodes if n.op == "placeholder"]
     assert names[-4:] == ["hetcache_k5", "hetcache_k5_scale", "hetcache_v5", "hetcache_v5_scale"]
@@ -136,13 +155,19 @@ def _peak_bytes_by_plan(transformer, inputs) -> dict:
     return _PEAKS
 
 
-@pytest.mark.parametrize("target", [(None, False), ("bfloat16", False), ("float8_e4m3fn", True)])
-def test_the_budget_picks_the_most_accurate_plan_that_fits_and_holds_at_every_call(transformer, inputs, target):
+@pytest.mark.parametrize("target, options", [
+    ((None, True), {}), (("bfloat16", True), {}), (("float8_e4m3fn", True), {}),
+    (("bfloat16", False), {"recompute_kv": False}),  # storing keys and values walks the types alone
+])
+def test_the_budget_picks_the_most_accurate_plan_that_fits_and_holds_at_every_call(transformer, inputs, target,
+                                                                                  options):
     peaks = _peak_bytes_by_plan(transformer, inputs)
     limit = 2 * peaks[target] + 16  # two CFG branches of the target plan
-    expected = next(plan for plan in PLAN_ORDER if 2 * peaks[plan] <= limit)  # an earlier plan may fit as well
+    # the tiny model's keys are a projection: where recomputing is open, the stored plans (more bytes) are skipped
+    order = [plan for plan in candidate_plans(hc.HetCacheConfig.from_options(options)) if plan[1] == target[1]]
+    expected = next(plan for plan in order if 2 * peaks[plan] <= limit)  # an earlier plan may fit as well
     uncond = {"encoder_hidden_states": torch.randn_like(inputs["encoder_hidden_states"])}
-    compiled = compile_hetcache(transformer, **FULL_PARTIAL_FULL, max_cache_bytes=limit)
+    compiled = compile_hetcache(transformer, **FULL_PARTIAL_FULL, **options, max_cache_bytes=limit)
     for step in STEPS:
         for branch in ({}, uncond):
             run(compiled, inputs, **step, **branch)
