@@ -246,7 +246,8 @@ def main() -> None:
         "randomly initialised time embedder of the real config, so the step mix is a proxy for the trained model",
         *notes,
         "cache plans: the default recomputes the context's keys and values (two projections, with their norm and "
-        "RoPE, of the context rows at every site of every partial step); `recompute_kv=False` stores them (its row); `cache_dtype` (bfloat16, float8) and "
+        "RoPE, of the context rows at every site of every partial step); `recompute_kv=False` stores them (its "
+        "row); `cache_dtype` (bfloat16, float8) and "
         "`cache_device='cpu'` leave the counted FLOPs as they are: casts, scales and copies are elementwise "
         "or transfers, which FlopCounterMode does not count",
     ]
