@@ -231,6 +231,13 @@ def test_a_fixed_schedule_with_a_mask_runs_partial_and_reuse_steps(row):
     stats = hc.stats(model)
     assert stats.branches["cond"].history == ["full", "partial", "reuse"]
     assert 0 < stats.token_fraction < 1 and not stats.fallback_reasons
+    # the default plan recomputes the context's keys where they are a projection of the tokens alone; where
+    # text rows are joined to them (one attention over prompt and video) it stores them, and partial steps stay
+    [plan] = {runtime.plan.name for runtime in hc.runtimes(model) if getattr(runtime, "plan", None) is not None}
+    assert plan == ("as computed, keys/values recomputed" if row.family in RECOMPUTED else "as computed")
+
+
+RECOMPUTED = {"wan", "ltx_video"}  # families whose self-attention keys are a projection of the video tokens alone
 
 
 def test_a_model_of_no_listed_family_gets_the_generic_one_and_its_mask_from_set_mask_only():

@@ -136,8 +136,10 @@ def _run(model: torch.nn.Module, schedule: str, options: dict, family: str = "va
     said = [str(w.message) for w in caught if str(w.message).startswith("hetcache")]
     stats = hc.stats(model)
     branch = next(iter(stats.branches.values()))
+    plans = sorted({rt.plan.name for rt in hc.runtimes(model) if getattr(rt, "plan", None) is not None})
     return {"outputs": outputs, "said": said, "graphs": stats.graphs, "refused": stats.fallback_reasons,
-            "history": branch.history, "fractions": branch.token_fractions, "reuse_ops": _reuse_collectives(model)}
+            "history": branch.history, "fractions": branch.token_fractions, "reuse_ops": _reuse_collectives(model),
+            "plans": plans}
 
 
 def _single_process(timestep: float) -> torch.Tensor:
@@ -183,6 +185,7 @@ def test_a_fixed_schedule_gives_every_rank_the_same_history_and_the_single_proce
         assert result["graphs"] == 1 and result["refused"] == [] and result["reuse_ops"] == 0
         assert result["history"] == [kinds[letter] for letter in schedule]
         assert result["fractions"] == [1.0] * schedule.count("P")
+        assert result["plans"] == ["as computed"]  # the default recomputes, but another rank projected these keys
         for output, reference in zip(result["outputs"], expected):
             torch.testing.assert_close(torch.from_numpy(output), reference, rtol=1e-5, atol=1e-5)
 
