@@ -308,6 +308,8 @@ def _build_checked_partial(gm: fx.GraphModule, analysis: GraphAnalysis, example_
     if analysis.shards and (recompute or prune == "attention" or (ring and offload)):
         raise RewriteRefused("under context parallelism partial steps store keys and values on the device "
                              "(prune='block', recompute_kv=False; Ring: cache_device as the model's)")
+    if recompute and any(site.num_queries > tokens for site in analysis.self_sites if site.node in sites):
+        raise RewriteRefused(_JOINED_KEYS)  # known before the fake-tensor proof; the proof below checks it too
     exit_value = by_name[analysis.region.exit].meta["example_value"]
     extra = {
         "hetcache_index": torch.arange(selected, device=exit_value.device),
@@ -357,9 +359,12 @@ def _build_checked_partial(gm: fx.GraphModule, analysis: GraphAnalysis, example_
         check_token_local(gm, partial, analysis.region, selected, ranks_at_attention)
         partial.meta[TOKEN_ROWS] = rows
     if recompute and any(extra for _offset, extra in rows.values()):
-        raise RewriteRefused("recompute_kv: the keys attend over text rows joined to the tokens, which a "
-                             "projection of the token rows alone cannot recompute")
+        raise RewriteRefused(_JOINED_KEYS)
     return partial
+
+
+_JOINED_KEYS = ("recompute_kv: the keys attend over text rows joined to the tokens, which a projection of the "
+                "token rows alone cannot recompute")
 
 
 TOKEN_ROWS = "hetcache_token_rows"  # partial.meta: attention operand name -> (offset, extra) of its token rows

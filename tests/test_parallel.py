@@ -206,6 +206,29 @@ def test_ranks_whose_schedules_disagree_all_take_full_steps_instead_of_deadlocki
         torch.testing.assert_close(torch.from_numpy(output), _single_process(timestep), rtol=1e-5, atol=1e-5)
 
 
+def _same_inputs_twice(rank: int, options: dict) -> dict:
+    """A full, then a partial step at the same inputs: the cached context rows are exact but for their storage."""
+    model = _parallel_vace()
+    compiled = torch.compile(model, backend="hetcache", options={
+        "inner_backend": "aot_eager", "schedule": "FP", "margin_radius": 1, "context_ratio": 0.0,
+        "margin_ratio": 0.0, **options})
+    with torch.no_grad():
+        outputs = [compiled(**_inputs(900.0), return_dict=False)[0].numpy() for _ in range(2)]
+    branch = hc.stats(model).branches["cond"]
+    plans = sorted({rt.plan.name for rt in hc.runtimes(model) if getattr(rt, "plan", None) is not None})
+    return {"outputs": outputs, "history": branch.history, "fractions": branch.token_fractions, "plans": plans}
+
+
+def test_float8_caches_under_ulysses_keep_the_partial_step_within_float8_error_of_the_full_one():
+    """Each rank stores its heads of every context token in float8, a scale per token and head."""
+    for result in _spawn(_same_inputs_twice, {"cache_dtype": "float8_e4m3fn"}):
+        assert result["history"] == ["full", "partial"] and 0 < result["fractions"][0] < 1
+        assert result["plans"] == ["float8_e4m3fn"]
+        full, partial = (torch.from_numpy(output) for output in result["outputs"])
+        torch.testing.assert_close(partial, full, rtol=0, atol=1e-2)
+        assert (partial - full).abs().max() > 1e-4  # above float32 rounding: the context came from float8 caches
+
+
 def _masks_differ(rank: int) -> dict:
     """Each rank given its own mask (a user error): partial steps of different sizes would hang the exchanges."""
     model = _parallel_vace()
