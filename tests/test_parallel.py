@@ -67,10 +67,10 @@ def _entry(rank: int, port: int, results, worker, args) -> None:
             dist.destroy_process_group()
 
 
-def _tiny_wan():
+def _tiny_wan(seed: int = 0):
     from diffusers import WanTransformer3DModel
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16,
                                  out_channels=16, text_dim=32, freq_dim=32, ffn_dim=32, num_layers=2,
                                  cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32).eval()
@@ -227,6 +227,41 @@ def test_float8_caches_under_ulysses_keep_the_partial_step_within_float8_error_o
         full, partial = (torch.from_numpy(output) for output in result["outputs"])
         torch.testing.assert_close(partial, full, rtol=0, atol=1e-2)
         assert (partial - full).abs().max() > 1e-4  # above float32 rounding: the context came from float8 caches
+
+
+def _two_experts(rank: int | None) -> dict:
+    """Wan 2.2's layout: one expert above a boundary timestep, another below it, both compiled by hetcache with
+    schedule "FPRP" (every token selected); under Ulysses when ``rank`` is given, else in one process."""
+    from diffusers import ContextParallelConfig
+
+    experts = [_tiny_wan(seed) for seed in (0, 1)]
+    outputs, histories, graphs = [], [], []
+    for expert in experts:
+        hc.set_mask(expert, TOKEN_EDIT)
+        if rank is not None:
+            expert.enable_parallelism(config=ContextParallelConfig(ulysses_degree=WORLD), cp_plan=hc.cp_plan(expert))
+    compiled = [torch.compile(expert, backend="hetcache", options={
+        "inner_backend": "aot_eager", "schedule": "FPRP", **ALL_TOKENS}) for expert in experts]
+    with torch.no_grad():
+        for step, timestep in enumerate(TIMESTEPS):
+            model = compiled[step >= len(TIMESTEPS) // 2]
+            outputs.append(model(**_family_inputs("wan", timestep), return_dict=False)[0].numpy())
+    for expert in experts:
+        stats = hc.stats(expert)
+        histories.append(stats.branches["cond"].history)
+        graphs.append((stats.graphs, stats.fallback_reasons))
+    return {"outputs": outputs, "histories": histories, "graphs": graphs}
+
+
+def test_wan22s_two_experts_under_ulysses_keep_their_own_caches_and_equal_one_process():
+    results = _spawn(_two_experts)
+    expected = _two_experts(None)
+    assert expected["histories"] == [["full", "partial", "reuse", "partial"]] * 2  # each expert from its own full
+    for result in results:
+        assert result["histories"] == expected["histories"]
+        assert result["graphs"] == [(1, []), (1, [])]  # one rewritten graph each
+        for output, reference in zip(result["outputs"], expected["outputs"], strict=True):
+            torch.testing.assert_close(torch.from_numpy(output), torch.from_numpy(reference), rtol=1e-5, atol=1e-5)
 
 
 def _masks_differ(rank: int) -> dict:
