@@ -18,7 +18,7 @@ import torch.fx as fx
 from torch._guards import TracingContext, tracing
 
 from .config import HetCacheConfig
-from .passes.graph_utils import copy_graph_module, reads_scalars, static_fake_mode
+from .passes.graph_utils import copy_graph_module, forget_unbacked_bindings, reads_scalars, static_fake_mode
 
 logger = logging.getLogger("hetcache_compile")
 
@@ -72,7 +72,7 @@ def compile_graph(gm: fx.GraphModule, args: Sequence[object], config: HetCacheCo
     if not reads_scalars(gm):
         return inner_compiler(config)(gm, list(args))
     with tracing(TracingContext(static_fake_mode())):
-        return inner_compiler(config)(gm, list(args))
+        return inner_compiler(config)(forget_unbacked_bindings(gm), list(args))
 
 
 def inner_compiler(config: HetCacheConfig) -> Callable:

@@ -82,8 +82,11 @@ def is_state_placeholder(node: fx.Node, example: object) -> bool:
 
 
 def is_state_placeholder_name(name: str) -> bool:
-    """Whether Dynamo's name for a placeholder is that of a module's parameter or buffer."""
-    return name.startswith("l_self_") or "_buffers_" in name or "_parameters_" in name
+    """Whether Dynamo's name for a placeholder is that of a module's parameter, buffer or attribute (a LoRA
+    scale Dynamo reads as a tensor), of the model as ``self`` or reached through a diffusers hook's bound
+    forward (``l_function_reference_forward_self_...``, context parallelism)."""
+    return (name.startswith(("l_self_", "l_function_reference_forward_self_")) or "_buffers_" in name
+            or "_parameters_" in name)
 
 
 def placeholders(graph: fx.Graph) -> list[fx.Node]:
@@ -214,6 +217,18 @@ def finalize(gm: fx.GraphModule) -> fx.GraphModule:
 def reads_scalars(gm: fx.GraphModule) -> bool:
     """Whether ``gm`` reads a tensor's value into Python (``.item()``)."""
     return any(n.op == "call_method" and n.target == "item" for n in gm.graph.nodes)
+
+
+def forget_unbacked_bindings(gm: fx.GraphModule) -> fx.GraphModule:
+    """Drop the scalar symbols ``.item()`` nodes were bound to when ``gm`` was traced, in place.
+
+    A graph compiled under a fresh shape environment (``static_fake_mode``) binds its scalars anew,
+    and a fresh environment names them from zero again: retracing would find its new ``zuf0`` equal
+    to the recorded one and stop ("possible memo disaster").
+    """
+    for node in gm.graph.nodes:
+        node.meta.pop("unbacked_bindings", None)
+    return gm
 
 
 def static_fake_mode(scalars: bool = True) -> FakeTensorMode:

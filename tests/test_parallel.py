@@ -264,6 +264,41 @@ def test_wan22s_two_experts_under_ulysses_keep_their_own_caches_and_equal_one_pr
             torch.testing.assert_close(torch.from_numpy(output), torch.from_numpy(reference), rtol=1e-5, atol=1e-5)
 
 
+def _lora_scaled_after_compiling(rank: int | None) -> dict:
+    """WanVACE with a LoRA adapter, compiled, called 4 times, the adapter scaled, called 4 more: under Ulysses
+    when ``rank`` is given, else in one process."""
+    from diffusers import ContextParallelConfig
+    from test_lora import add_lora
+
+    model = tiny_vace_transformer()
+    add_lora(model, "a", seed=1)
+    if rank is not None:
+        model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=WORLD), cp_plan=hc.cp_plan(model))
+    compiled = torch.compile(model, backend="hetcache", options={
+        "inner_backend": "aot_eager", "schedule": "FPRP", **ALL_TOKENS})
+    outputs = []
+    with torch.no_grad():
+        for step, timestep in enumerate(TIMESTEPS):
+            if step == len(TIMESTEPS) // 2:
+                model.set_adapters(["a"], weights=[0.5])
+            outputs.append(compiled(**_inputs(timestep), return_dict=False)[0].numpy())
+    stats = hc.stats(model)
+    return {"outputs": outputs, "history": stats.branches["cond"].history, "steps": stats.steps,
+            "graphs": (stats.graphs, stats.fallback_reasons)}
+
+
+def test_a_lora_scaled_after_compiling_under_ulysses_starts_a_new_run_and_equals_one_process():
+    results = _spawn(_lora_scaled_after_compiling)
+    expected = _lora_scaled_after_compiling(None)
+    # the new scale recompiles (Dynamo reads it as a tensor now) and starts a new run, rewritten as well: the
+    # scale's placeholder is the model's state, not an input that would tell queries from keys
+    assert expected["history"] == ["full", "partial", "reuse", "partial"] * 2 and expected["graphs"] == (2, [])
+    for result in results:
+        assert result["history"] == expected["history"] and result["graphs"] == (2, [])
+        for output, reference in zip(result["outputs"], expected["outputs"], strict=True):
+            torch.testing.assert_close(torch.from_numpy(output), torch.from_numpy(reference), rtol=1e-5, atol=1e-5)
+
+
 def _masks_differ(rank: int) -> dict:
     """Each rank given its own mask (a user error): partial steps of different sizes would hang the exchanges."""
     model = _parallel_vace()
