@@ -107,15 +107,10 @@ def choose_cache_plan(build: Callable[[str | None, bool], Variants], example_inp
                          config.budget_branches * per_branch <= limit, variants.offload)
 
     chosen = None
-    recomputed_types = set()
-    for cache_dtype, recompute, variants in buildable_plans(build, candidate_plans(config), example_inputs,
-                                                            num_outputs):
+    for cache_dtype, _recompute, variants in buildable_plans(build, candidate_plans(config), example_inputs,
+                                                             num_outputs, skip_stored_if_recomputed=True):
         if variants.partial is None:
             return variants, None
-        if not recompute and cache_dtype in recomputed_types:
-            continue
-        if variants.recompute:
-            recomputed_types.add(cache_dtype)
         chosen = (variants, plan_for(variants, cache_dtype))
         if chosen[1].fits:
             break
@@ -123,19 +118,24 @@ def choose_cache_plan(build: Callable[[str | None, bool], Variants], example_inp
 
 
 def buildable_plans(build: Callable[[str | None, bool], Variants], plans: Sequence[tuple[str | None, bool]],
-                    example_inputs: Sequence[object], num_outputs: int) -> Iterator[tuple[str | None, bool, Variants]]:
+                    example_inputs: Sequence[object], num_outputs: int,
+                    skip_stored_if_recomputed: bool = False) -> Iterator[tuple[str | None, bool, Variants]]:
     """``(cache_dtype, recompute, variants)`` for each of ``plans`` (``(cache_dtype, recompute)`` pairs) the
     model can have, in order: a type no narrower than the model's own is skipped, and so is recomputing
     where the keys are not a short projection (once refused, not tried again) if ``plans`` also store
-    that type. Variants without partial steps end the walk."""
-    computed_size, recompute_refused = None, False
+    that type; with ``skip_stored_if_recomputed``, so is storing a type whose recomputed plan was built
+    (it only holds more). Variants without partial steps end the walk."""
+    computed_size, recompute_refused, recomputed = None, False, set()
     for cache_dtype, recompute in plans:
-        if not_narrower(cache_dtype, computed_size) or (recompute and recompute_refused):
+        skipped_store = not recompute and skip_stored_if_recomputed and cache_dtype in recomputed
+        if not_narrower(cache_dtype, computed_size) or (recompute and recompute_refused) or skipped_store:
             continue
         variants = build(cache_dtype, recompute)
         if variants.partial is None and recompute and (cache_dtype, False) in plans:
             recompute_refused = True
             continue
+        if variants.recompute:
+            recomputed.add(cache_dtype)
         yield cache_dtype, recompute, variants
         if variants.partial is None:
             return
