@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hetcache_compile.passes as passes  # noqa: E402
 from common import command_line, dynamo_graphs, machine_description, utc_now, write_table  # noqa: E402
 
+from hetcache_compile.budget import candidate_plans  # noqa: E402
 from hetcache_compile.config import PRESETS, HetCacheConfig  # noqa: E402
 from hetcache_compile.priors import classify_tokens, mask_to_token_grid  # noqa: E402
 from hetcache_compile.schedule import make_scheduler  # noqa: E402
@@ -176,8 +177,9 @@ def selection_cost(num_tokens: int, generative: int, context: int, config: dict,
 
 def recomputes_on_wan(config: HetCacheConfig) -> bool:
     """Whether ``config``'s partial steps recompute the context's keys and values on Wan, whose keys are a
-    projection of the tokens: by default (``recompute_kv=None``) and when asked, with ``prune="block"``."""
-    return config.recompute_kv is not False and config.prune == "block"
+    projection of the tokens, so the first plan the backend tries is the one it builds (``prune="block"``)."""
+    _cache_dtype, recompute = candidate_plans(config)[0]
+    return recompute and config.prune == "block"
 
 
 def rows_for(frames: int, mask_name: str, steps: int) -> list[list[str]]:

@@ -62,6 +62,7 @@ from common import (
 )
 
 import hetcache_compile as hc
+from hetcache_compile.passes.graph_utils import tensor_bytes
 
 log = logging.getLogger("benchmarks.latency")
 
@@ -170,18 +171,21 @@ class TransformerTimer:
 
 
 class CacheMeter:
-    """The most hetcache's caches held after any transformer call (its own count, ``hc.stats().cache_bytes``)."""
+    """The most hetcache's caches held after any transformer call while ``active`` (its own count,
+    ``hc.stats().cache_bytes``); off during the timed runs, which it would slow down."""
 
     def __init__(self, module: torch.nn.Module):
         self.most = 0
+        self.active = True
         module.register_forward_hook(self._after)
 
     def _after(self, module, args, output):
-        self.most = max(self.most, hc.stats(module).cache_bytes)
+        if self.active:
+            self.most = max(self.most, hc.stats(module).cache_bytes)
 
 
 def module_bytes(module: torch.nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+    return tensor_bytes([*module.parameters(), *module.buffers()])
 
 
 def profiled_peak_bytes(run: Callable[[], object]) -> int:
@@ -253,6 +257,8 @@ def benchmark(config: Config, base: torch.nn.Module, inputs: dict, steps: int, r
     warmup = synchronized_clock(device) - start
     log.info("[%s] warm-up run took %.1f s", config.name, warmup)
 
+    if caches is not None:
+        caches.active = False
     seconds: list[float] = []
     transformer_seconds: list[float] = []
     per_run_steps: list[dict[str, int]] = []
@@ -289,6 +295,7 @@ def benchmark(config: Config, base: torch.nn.Module, inputs: dict, steps: int, r
     else:  # one more run, from no caches, as the timed runs start after hc.reset
         if config.is_hetcache:
             hc.reset(model)
+            caches.active = True
         gc.collect()
         one_run = functools.partial(run_pipeline, pipe, inputs, steps)
         result.peak_memory = module_bytes(module) + profiled_peak_bytes(one_run)
@@ -428,7 +435,7 @@ def table_notes(results: list[Result], inner: str, gpu: bool) -> list[str]:
                      "no caches, as each timed run starts): activations, the VAE's and hetcache's caches.")
         notes.append("The CPU is shared: a min far below the median means other processes interfered.")
     notes.append("Cache plan: the one each hetcache config ran; in brackets the most its caches held after any "
-                 "transformer call (hetcache's own count, `stats().cache_bytes`).")
+                 "transformer call of the untimed runs (hetcache's own count, `stats().cache_bytes`).")
     notes += ["", "Step kinds per branch (last timed run):", ""]
     for r in results:
         for branch, history in r.histories.items():

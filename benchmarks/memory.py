@@ -27,12 +27,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command_line, machine_description, utc_now, write_table  # noqa: E402
 from flops import WAN_VACE_1_3B  # noqa: E402
 
+from hetcache_compile.budget import candidate_plans  # noqa: E402
+from hetcache_compile.config import HetCacheConfig  # noqa: E402
 from hetcache_compile.memory import cache_memory  # noqa: E402
+from hetcache_compile.passes.graph_utils import tensor_bytes  # noqa: E402
 
 WAN_VACE_14B = dict(  # Wan-AI/Wan2.1-VACE-14B-diffusers transformer/config.json
     WAN_VACE_1_3B, num_attention_heads=40, ffn_dim=13824, num_layers=40, vace_layers=list(range(0, 40, 5)),
 )
 MODELS = {"1.3B": WAN_VACE_1_3B, "14B": WAN_VACE_14B}
+DEFAULT_PLAN = candidate_plans(HetCacheConfig())[0]  # what the backend builds first with default options
 GPU_SIZES_GB = (24, 48, 80, 141)
 TEXT_LEN = 512
 BRANCHES = 2
@@ -74,10 +78,10 @@ def main() -> None:
     for name, size, frames in tqdm(settings, desc="memory", unit="setting"):
         config = MODELS[name]
         model = meta_model(config)
-        weights[name] = sum(p.numel() * p.element_size() for p in model.parameters())
+        weights[name] = tensor_bytes(model.parameters())
         height, width = (int(v) for v in size.split("x"))
         plans = cache_memory(model, meta_inputs(config, frames, height, width))
-        default = next((p for p in plans if p.cache_dtype is None and p.recompute_kv), plans[0])
+        default = next((p for p in plans if (p.cache_dtype, p.recompute_kv) == DEFAULT_PLAN), plans[0])
         plan_names = plan_names or [p.plan + (" = default" if p is default else "") for p in plans]
         row = [name, f"{size} x {frames}", f"{plans[0].num_tokens:,}", plans[0].cached_sites,
                f"{weights[name] / GIB:.1f}"]

@@ -26,12 +26,11 @@ from .passes.variant_io import StepOutputs
 logger = logging.getLogger("hetcache_compile")
 
 AUTO_SHARE = 0.5  # max_cache_bytes="auto": this share of the device memory free at compile time
-# every (cache_dtype, recompute_kv) plan, as memory.py prices them: each type stored, then recomputed
-PLAN_ORDER = ((None, False), (None, True), ("bfloat16", False), ("bfloat16", True),
-              ("float8_e4m3fn", False), ("float8_e4m3fn", True))
 # the types an unset cache_dtype walks under a budget, most accurate first (float16 only when asked:
 # its range is not the model's)
 NARROWING = (None, "bfloat16", "float8_e4m3fn")
+# every (cache_dtype, recompute_kv) plan, as memory.py prices them: each type stored, then recomputed
+PLAN_ORDER = tuple((cache_dtype, recompute) for cache_dtype in NARROWING for recompute in (False, True))
 
 
 def resolve_limit(option: int | str | None, example_inputs: Sequence[object]) -> int | None:

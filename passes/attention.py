@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .graph_utils import ancestors, module_paths, owning_block, tensor_shape
+from .graph_utils import ancestors, call_argument, module_paths, owning_block, tensor_shape
 from .errors import ShardingRefused
 from .shards import attention_ops_reading, is_ring_site, ring_operands
 
@@ -63,12 +63,9 @@ def attention_operand(node: fx.Node, index: int, name: str) -> fx.Node | None:
         names = [argument.name for argument in schema.arguments]
         for alias in _ALIASES.get(name, (name,)):
             if alias in names:
-                position = names.index(alias)
-                return node.args[position] if len(node.args) > position else node.kwargs.get(alias)
+                return call_argument(node, names.index(alias), alias)
         return None
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name)
+    return call_argument(node, index, name)
 
 
 def _seq_len(node: fx.Node) -> int:

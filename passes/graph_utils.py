@@ -76,6 +76,11 @@ def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def call_argument(node: fx.Node, position: int, name: str) -> object:
+    """The argument of the call ``node`` at ``position`` if passed positionally, else the keyword ``name``."""
+    return node.args[position] if len(node.args) > position else node.kwargs.get(name)
+
+
 def is_state_placeholder(node: fx.Node, example: object) -> bool:
     """True for placeholders that carry module parameters or buffers rather than user inputs."""
     return isinstance(example, torch.nn.Parameter) or is_state_placeholder_name(node.name)

@@ -25,6 +25,7 @@ import torch
 import torch.fx as fx
 
 from .errors import ShardingRefused
+from .graph_utils import call_argument
 from .token_region import TokenRegion
 
 _OPS = torch.ops._c10d_functional
@@ -101,7 +102,7 @@ def ring_operands(gather: fx.Node) -> tuple[fx.Node | None, fx.Node, fx.Node]:
         joined = joined.args[0]
     key, value = (part.args[0] for part in joined.args[0])
     for op in attention_ops_reading(key, position=1, name="key"):
-        return layout_source(_operand(op, 0, "query")), key, value
+        return layout_source(call_argument(op, 0, "query")), key, value
     return None, key, value
 
 
@@ -114,13 +115,9 @@ def attention_ops_reading(node: fx.Node, position: int, name: str) -> list[fx.No
             if _is_layout_op(user):
                 laid_out.append(user)
             elif (user.op == "call_function" and "attention" in str(getattr(user.target, "__name__", user.target))
-                  and _operand(user, position, name) is source and user not in found):
+                  and call_argument(user, position, name) is source and user not in found):
                 found.append(user)
     return found
-
-
-def _operand(op: fx.Node, position: int, name: str) -> object:
-    return op.args[position] if len(op.args) > position else op.kwargs.get(name)
 
 
 def _is_layout_op(node: fx.Node) -> bool:

@@ -95,3 +95,13 @@ class ToyBlock(torch.nn.Module):
         q, k, v = self.qkv(x).unflatten(-1, (3, 2, -1)).permute(2, 0, 3, 1, 4).unbind(0)
         out = x + torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
         return out + x.mean(dim=1, keepdim=True) if self.mix_tokens else out
+
+
+def add_lora(model: torch.nn.Module, name: str, seed: int) -> None:
+    """A peft LoRA adapter ``name`` of rank 4 on every attention projection, randomly initialised (not zero)."""
+    import peft
+
+    torch.manual_seed(seed)
+    config = peft.LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                             init_lora_weights=False)
+    model.add_adapter(config, adapter_name=name)

@@ -3,17 +3,11 @@
 import pytest
 import torch
 from conftest import compile_hetcache, run
+from models import add_lora
 
 import hetcache_compile as hc
 
-peft = pytest.importorskip("peft")
-
-
-def add_lora(model, name, seed):
-    torch.manual_seed(seed)
-    config = peft.LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-                             init_lora_weights=False)
-    model.add_adapter(config, adapter_name=name)
+pytest.importorskip("peft")
 
 
 def test_adapters_changed_after_compiling_match_eager(transformer, inputs):

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from models import tiny_vace_transformer, transformer_inputs
+from models import add_lora, tiny_vace_transformer, transformer_inputs
 
 import hetcache_compile as hc
 
@@ -268,7 +268,6 @@ def _lora_scaled_after_compiling(rank: int | None) -> dict:
     """WanVACE with a LoRA adapter, compiled, called 4 times, the adapter scaled, called 4 more: under Ulysses
     when ``rank`` is given, else in one process."""
     from diffusers import ContextParallelConfig
-    from test_lora import add_lora
 
     model = tiny_vace_transformer()
     add_lora(model, "a", seed=1)
