@@ -9,7 +9,9 @@ plain torch.compile (Inductor), and the start of ``hetcache_compile.explain``.
     python examples/demo.py --preset fast      # let the adaptive schedule skip more
     python examples/demo.py --schedule FFRFRF  # a fixed schedule (last letter repeats)
 
-Takes about a minute or two on 2 CPU cores, most of it Inductor compiling.
+Takes about a minute or two on 2 CPU cores, most of it Inductor compiling. hetcache's first run starts at
+once, its pieces uncompiled, while Inductor compiles them in the background; the demo then waits for that
+compilation to end before the timed run.
 """
 
 from __future__ import annotations
@@ -48,6 +50,10 @@ def compile_and_time(transformer: torch.nn.Module, inputs: dict, steps: int, lab
     pipe.set_progress_bar_config(disable=True)
     _, first = edit(pipe, inputs, steps)
     print(f"{label:<26} first run (compiles): {first:6.1f} s", flush=True)
+    if compile_kwargs.get("backend") == "hetcache":  # it compiles in the background while the first run goes on
+        start = time.perf_counter()
+        hc.finish_compiling(model)
+        print(f"{label:<26} compiling after it:   {time.perf_counter() - start:6.1f} s", flush=True)
     video, second = edit(pipe, inputs, steps)
     print(f"{label:<26} second run (timed):   {second:6.2f} s", flush=True)
     return model, video, second

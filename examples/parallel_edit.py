@@ -68,6 +68,7 @@ def timed_edit(transformer: torch.nn.Module, inputs: dict, steps: int, device: t
         video = pipe(**inputs, num_inference_steps=steps, guidance_scale=5.0, output_type="pt",
                      generator=torch.Generator().manual_seed(0)).frames[0]
         seconds = time.perf_counter() - start
+        hc.finish_compiling(model)  # hetcache compiles in the background: the timed run is the compiled one
     return model, video, seconds
 
 

@@ -46,11 +46,14 @@ def stats(model: torch.nn.Module) -> HetCacheStats:
     found = runtimes(model)
     total = HetCacheStats()
     entry_frame = min((rt.frame_id for rt in found), default=None)
+    per_block_calls = 0  # graphs of one block each (regional compilation): every model call runs them all
     for runtime in found:
         calls = runtime.calls(ids)
         total.graphs += 1
         total.graph_calls += calls
-        if runtime.frame_id == entry_frame:
+        if runtime.frame_id == entry_frame and getattr(runtime, "per_block", False):
+            per_block_calls = max(per_block_calls, calls)
+        elif runtime.frame_id == entry_frame:
             total.model_calls += calls
         if getattr(runtime, "fallback_reason", None):
             total.fallback_reasons.append(runtime.fallback_reason)
@@ -59,8 +62,12 @@ def stats(model: torch.nn.Module) -> HetCacheStats:
         for branch in runtime.branch_stats(ids):
             total.merge_branch(branch)
         for variant in runtime.variants():
-            total.compile_seconds[variant.name] = total.compile_seconds.get(variant.name, 0.0) + variant.compile_seconds
-            total.compile_counts[variant.name] = total.compile_counts.get(variant.name, 0) + variant.compile_count
+            name = variant.name
+            total.compile_seconds[name] = total.compile_seconds.get(name, 0.0) + variant.compile_seconds
+            total.compile_counts[name] = total.compile_counts.get(name, 0) + variant.compile_count
+            total.compiled_pieces[name] = total.compiled_pieces.get(name, 0) + variant.compiled_pieces
+            total.cache_hits[name] = total.cache_hits.get(name, 0) + variant.cache_hits
+    total.model_calls += per_block_calls
     total.steps["full"] += max(0, total.model_calls - sum(total.steps.values()))
     order = {"cond": 0, "uncond": 1}
     total.branches = dict(sorted(total.branches.items(), key=lambda item: (order.get(item[0], 2), item[0])))
@@ -105,6 +112,17 @@ def reset(model: torch.nn.Module) -> None:
     ids = _parameter_ids(model)
     for runtime in runtimes(model):
         runtime.reset(ids)
+
+
+def finish_compiling(model: torch.nn.Module) -> None:
+    """Wait until the variants ``model`` has run are compiled, and load them. With Inductor they compile in the
+    compile worker, a subprocess (``background_compile``), while the model steps on with the pieces not compiled
+    yet; call this before timing steady-state speed, or before the process exits to leave every piece in
+    Inductor's cache for the next one."""
+    for runtime in runtimes(model):
+        finish = getattr(runtime, "finish_compiling", None)
+        if finish is not None:
+            finish()
 
 
 def explain(model: torch.nn.Module) -> str:

@@ -17,13 +17,14 @@ import torch
 import torch.fx as fx
 
 from .budget import choose_cache_plan, cuda_devices, resolve_limit
-from .compiled import compile_graph, inner_compiler
+from .compile_jobs import inner_compiler
+from .piecewise import PieceCompiler
 from .config import CACHE_DTYPES, HetCacheConfig, HetCacheOptionsError
 from .families import family_of
 from .instances import CompiledFrom, InstanceTable, instance_position
 from .passes import RewriteRefused, Variants, analyze, build_variants, is_symbolic
 from .passes.graph_utils import output_node
-from .passes.errors import ShardingRefused
+from .passes.errors import NoBlockStack, ShardingRefused
 from .passes.shards import collective_name
 from .runtime import LIVE_RUNTIMES, HetCacheRuntime
 from .shapes import ShapeSpecializingRuntime
@@ -34,16 +35,21 @@ class FallbackRuntime:
     """A graph hetcache did not rewrite: the inner compiler's output, plus the reason why."""
 
     def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[object], reason: str, config: HetCacheConfig,
-                 frame_id: int = 0, in_dynamo: bool = True):
+                 frame_id: int = 0, in_dynamo: bool = True, per_block: bool = False):
         self.fallback_reason = reason
+        self.per_block = per_block  # called once per block of a model call: the model's calls are any block's
         self.report = f"rewrite refused: {reason}"
         self.frame_id = frame_id
         self.compiled_from = CompiledFrom(example_inputs)
         self.instance = instance_position(example_inputs)
         self.instances: InstanceTable[list[int]] = InstanceTable(lambda: [0])
         start = time.perf_counter()
-        self.compiled = (inner_compiler(config)(gm, list(example_inputs)) if in_dynamo
-                         else compile_graph(gm, example_inputs, config))
+        if in_dynamo:
+            self.compiled = inner_compiler(config)(gm, list(example_inputs))
+        else:
+            compiler = PieceCompiler(config)
+            self.compiled = compiler.prepare("fallback", gm, example_inputs)
+            compiler.compile_now(self.compiled)
         self.compile_seconds = time.perf_counter() - start
         LIVE_RUNTIMES.add(self)
 
@@ -55,10 +61,17 @@ class FallbackRuntime:
         return self.compiled_from.intersects(parameter_ids) or bool(self.instances.matching(parameter_ids))
 
     def calls(self, parameter_ids: set[int]) -> int:
-        return sum(count[0] for count in self.instances.matching(parameter_ids))
+        counts = [count[0] for count in self.instances.matching(parameter_ids)]
+        return max(counts, default=0) if self.per_block else sum(counts)
 
     def reset(self, parameter_ids: set[int] | None = None) -> None:
         pass
+
+
+REGIONAL_REASON = ("this graph holds no stack of repeated blocks, only part of the model (one block: diffusers' "
+                   "compile_repeated_blocks() compiles each block as a graph of its own); hetcache needs the whole "
+                   "model in one graph: compile it with torch.compile(model, backend=\"hetcache\") instead, which "
+                   "compiles each repeated block once by itself")
 
 
 class HetCacheBackend:
@@ -107,6 +120,9 @@ class HetCacheBackend:
 
             num_outputs = len(output_node(gm.graph).args[0])
             variants, plan = choose_cache_plan(build, example_inputs, num_outputs, config, limit)
+        except NoBlockStack:
+            return self._fallback(gm, example_inputs, family_of(gm).why(REGIONAL_REASON), config, frame_id, in_dynamo,
+                                  per_block=True)
         except RewriteRefused as refused:
             reason = family_of(gm).why(str(refused))
             if not isinstance(refused, ShardingRefused) and any(collective_name(n) for n in gm.graph.nodes):
@@ -118,13 +134,13 @@ class HetCacheBackend:
         return HetCacheRuntime(gm, example_inputs, analysis, variants, config, frame_id=frame_id, plan=plan)
 
     def _fallback(self, gm: fx.GraphModule, example_inputs: Sequence[object], reason: str,
-                  config: HetCacheConfig, frame_id: int, in_dynamo: bool) -> FallbackRuntime:
+                  config: HetCacheConfig, frame_id: int, in_dynamo: bool, per_block: bool = False) -> FallbackRuntime:
         if reason not in self._warned and _is_rank_zero():
             self._warned.add(reason)
             warnings.warn(f"hetcache: not rewriting this graph ({reason}); compiling it with plain "
                           f"{config.inner_backend}", stacklevel=4)
         logger.info("hetcache fallback: %s", reason)
-        return FallbackRuntime(gm, example_inputs, reason, config, frame_id, in_dynamo)
+        return FallbackRuntime(gm, example_inputs, reason, config, frame_id, in_dynamo, per_block)
 
 
 def _check_schedule(config: HetCacheConfig, analysis) -> None:

@@ -1,96 +1,95 @@
-"""``CompiledVariant``: a variant graph compiled by the inner backend lazily, once per shape.
+"""``CompiledVariant``: a variant graph prepared at its first call and compiled piece by piece.
 
-Variants are compiled at their first call, after Dynamo's compile has returned. A graph that reads
-a scalar with ``.item()`` (Dynamo reads float attributes such as LoRA scales that way) is compiled
-under a tracing context of its own: a static-shape fake mode whose shape environment allows it.
+The first call of a variant (or ``compile_ahead``, before it) splits it into pieces (``PieceCompiler``:
+each distinct block once, every piece a key for Inductor's caches). With ``background`` the compile
+worker (a subprocess) compiles the pieces while the runtime goes on stepping: a piece runs uncompiled
+until its compiled code is in the cache and loaded, so no step waits for a compiler. Without it, the
+first call compiles every piece before it runs.
+
+The partial variant's |S| and context rows are symbols: one compilation serves every mask at a
+resolution. A call at sizes its guards do not admit (0 or 1 rows) gets a compilation of static sizes
+of its own (at most ``max_shapes`` kept).
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 
-import torch
 import torch.fx as fx
-from torch._guards import TracingContext, tracing
 
-from .config import HetCacheConfig
-from .passes.graph_utils import copy_graph_module, forget_unbacked_bindings, reads_scalars, static_fake_mode
-
-logger = logging.getLogger("hetcache_compile")
-
-DUMP_ENV = "HETCACHE_DUMP_GRAPHS"
+from .piecewise import CompiledGraph, PieceCompiler, SymbolicSizes
 
 
 class CompiledVariant:
-    """A variant graph compiled by the inner backend on first use, once per input shape, timed.
+    """A variant graph, compiled on first use (or ahead of it), in the background or before it runs."""
 
-    ``specialize_on`` is the position of the input whose shape may change between videos (the
-    partial variant's index, of length ``|S|``); each new shape compiles once more, at most
-    ``max_shapes`` kept.
-    """
-
-    def __init__(self, name: str, gm: fx.GraphModule, config: HetCacheConfig, specialize_on: int | None = None,
+    def __init__(self, name: str, gm: fx.GraphModule, compiler: PieceCompiler, symbolic: SymbolicSizes | None = None,
+                 static_sizes: Mapping[int, Mapping[int, str]] | None = None, background: bool = False,
                  max_shapes: int = 4):
+        """``symbolic``: the sizes to compile as symbols; without, ``static_sizes`` names the inputs whose sizes
+        change between calls (the partial variant's), each new size a compilation of its own."""
         self.name = name
         self.gm = gm
-        self.config = config
-        self.inner_backend = config.inner_backend
-        self.specialize_on = specialize_on
+        self.compiler = compiler
+        self.symbolic = symbolic
+        self.varying = dict(symbolic.dims if symbolic is not None else static_sizes or {})
+        self.background = background
         self.max_shapes = max_shapes
-        self.compiled: OrderedDict[tuple, Callable] = OrderedDict()
-        self.compile_seconds = 0.0
-        self.compile_count = 0
+        self.general: CompiledGraph | None = None  # static shapes, or the symbolic sizes' compilation
+        self.specialized: OrderedDict[tuple, CompiledGraph] = OrderedDict()  # sizes the symbols do not admit
+        self.graphs: list[CompiledGraph] = []  # every compilation, for stats and explain
+
+    @property
+    def compile_seconds(self) -> float:
+        return sum(graph.report.seconds for graph in self.graphs)
+
+    @property
+    def compiled_pieces(self) -> int:
+        return sum(graph.report.compiled for graph in self.graphs)
+
+    @property
+    def cache_hits(self) -> int:
+        return sum(graph.report.cache_hits for graph in self.graphs)
+
+    def describe(self) -> str:
+        """One line for ``explain()``: each compilation's pieces, seconds and cache hits."""
+        if not self.graphs:
+            return f"{self.name}: not compiled yet (compiles at its first call)"
+        return f"{self.name}: " + "; ".join(graph.report.describe() for graph in self.graphs)
+
+    @property
+    def compile_count(self) -> int:
+        """Compilations of this variant (prepared graphs), the ones still compiling included."""
+        return len(self.graphs)
 
     def __call__(self, *args):
-        key = tuple(args[self.specialize_on].shape) if self.specialize_on is not None else ()
-        compiled = self.compiled.get(key)
-        if compiled is None:
-            compiled = self._compile(args)
-            self.compiled[key] = compiled
-            if len(self.compiled) > self.max_shapes:
-                self.compiled.popitem(last=False)
-        self.compiled.move_to_end(key)
-        return compiled(*args)
+        return self._graph_for(args)(*args)
 
-    def _compile(self, args: Sequence[object]) -> Callable:
-        _maybe_dump(self.name, self.gm)
-        start = time.perf_counter()
-        compiled = compile_graph(copy_graph_module(self.gm), args, self.config)
-        seconds = time.perf_counter() - start
-        self.compile_seconds += seconds
-        self.compile_count += 1
-        logger.info("compiled %s variant with %s in %.1f s", self.name, self.inner_backend, seconds)
-        return compiled
+    def compile_ahead(self, example_args: Sequence[object]) -> None:
+        """Prepare and start compiling for inputs like ``example_args`` (tensors or ``TensorSpec``), unless done."""
+        if self.general is None:
+            self.general = self._prepare(example_args)
 
+    def _graph_for(self, args: Sequence[object]) -> CompiledGraph:
+        if self.general is None:
+            self.general = self._prepare(args)
+        if self.general.admits(args):
+            return self.general
+        key = tuple(tuple(args[position].shape) for position in self.varying)
+        graph = self.specialized.get(key)
+        if graph is None:
+            graph = self.specialized[key] = self._prepare(args, symbolic=False)
+            if len(self.specialized) > self.max_shapes:
+                self.specialized.popitem(last=False)
+        self.specialized.move_to_end(key)
+        return graph
 
-def compile_graph(gm: fx.GraphModule, args: Sequence[object], config: HetCacheConfig) -> Callable:
-    """Compile ``gm`` (which the compiler may mutate: pass a copy) for ``args``, outside Dynamo's compile."""
-    if not reads_scalars(gm):
-        return inner_compiler(config)(gm, list(args))
-    with tracing(TracingContext(static_fake_mode())):
-        return inner_compiler(config)(forget_unbacked_bindings(gm), list(args))
-
-
-def inner_compiler(config: HetCacheConfig) -> Callable:
-    """The compiler for variants: ``config.inner_backend``, with Inductor's mode and config patches."""
-    if config.inner_backend != "inductor":
-        return torch._dynamo.lookup_backend(config.inner_backend)
-    from torch._inductor import list_mode_options
-    from torch._inductor.compile_fx import compile_fx
-
-    patches = {**list_mode_options(config.mode), **dict(config.inductor_options or {})}
-    return lambda gm, args: compile_fx(gm, args, config_patches=patches)
-
-
-def _maybe_dump(name: str, gm: fx.GraphModule) -> None:
-    folder = os.environ.get(DUMP_ENV)
-    if folder:
-        os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, f"{name}_{id(gm):x}.py")
-        with open(path, "w") as handle:
-            handle.write(gm.code)
-        logger.info("wrote %s variant to %s", name, path)
+    def _prepare(self, args: Sequence[object], symbolic: bool = True) -> CompiledGraph:
+        graph = self.compiler.prepare(self.name, self.gm, args, self.symbolic if symbolic else None, self.varying)
+        self.graphs.append(graph)
+        if self.background:
+            self.compiler.compile_in_background(graph)
+        else:
+            self.compiler.compile_now(graph)
+        return graph

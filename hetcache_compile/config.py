@@ -139,10 +139,23 @@ class HetCacheConfig:
             partial step, so the device holds about two sites' caches instead of all of them;
             exact, for host memory and PCIe traffic. ``max_cache_bytes`` then bounds the device
             bytes only. ``prune="block"`` only.
+        piecewise: compile each variant block by block (``True``, the default): a repeated block is compiled
+            once and called for every block of its stack, as diffusers' regional compilation does, and each
+            piece is a graph Inductor's caches can key. ``False``: each variant as one graph (Inductor may
+            fuse across block boundaries; compile time grows with the depth).
+        background_compile: compile the reuse and partial variants in a background thread while the first
+            steps run (they run as full steps until their variant is ready), instead of stopping the run
+            at their first step to compile them. ``None`` (the default): with Inductor, whose compiles
+            take seconds to minutes; not with ``"aot_eager"``/``"eager"``.
+        symbolic_sizes: compile the partial variant with |S| (and the context rows it leaves) as a symbol, so that
+            one compilation serves every mask at a resolution. ``None`` (the default): with Inductor, whose
+            compiles cost seconds to minutes; not with ``"aot_eager"``/``"eager"``, which trace a symbolic graph
+            several times slower than a static one and compile a new static one in about a second.
         size_buckets: |S| is rounded up to a multiple of ``ceil(N / size_buckets)`` by computing
             extra context tokens (the most relevant ones left), so videos with different masks
-            share compiled partial variants: at most ``size_buckets`` of them per resolution.
-            ``0`` keeps |S| exact (one compilation per distinct |S|).
+            share compiled partial variants of static sizes. The partial variant compiles with |S| symbolic
+            (one compilation for every mask at a resolution), so ``0`` (the default) keeps |S| exact; sizes
+            the symbolic compilation does not admit (0 or 1 rows) compile on their own.
     """
 
     preset: str = "balanced"
@@ -171,7 +184,10 @@ class HetCacheConfig:
     cache_dtype: str | None = None
     recompute_kv: bool | None = None
     cache_device: str | None = None
-    size_buckets: int = 32
+    size_buckets: int = 0
+    piecewise: bool = True
+    background_compile: bool | None = None
+    symbolic_sizes: bool | None = None
 
     def __post_init__(self) -> None:
         _require(self.preset in PRESETS, "preset", self.preset, f"one of {sorted(PRESETS)}")
@@ -203,6 +219,10 @@ class HetCacheConfig:
                  "relevance_site", self.relevance_site, "an int index of a self-attention site or a module path")
         _require(self.prune in PRUNE_MODES, "prune", self.prune, f"one of {list(PRUNE_MODES)}")
         _require(isinstance(self.partial, bool), "partial", self.partial, "True or False")
+        _require(isinstance(self.piecewise, bool), "piecewise", self.piecewise, "True or False")
+        for name in ("background_compile", "symbolic_sizes"):
+            value = getattr(self, name)
+            _require(value is None or isinstance(value, bool), name, value, "None, True or False")
         _require(self.cache_dtype is None or self.cache_dtype in CACHE_DTYPES, "cache_dtype", self.cache_dtype,
                  f"None or one of {list(CACHE_DTYPES)}")
         _require(self.cache_dtype is None or self.prune == "block", "cache_dtype", self.cache_dtype,
@@ -253,6 +273,18 @@ class HetCacheConfig:
         if isinstance(merged.get("rescale"), list):
             merged["rescale"] = tuple(merged["rescale"])
         return cls(**merged)
+
+    @property
+    def compiles_in_background(self) -> bool:
+        """Whether the reuse and partial variants compile in a background thread (``background_compile``)."""
+        if self.background_compile is None:
+            return self.inner_backend == "inductor"
+        return self.background_compile
+
+    @property
+    def compiles_symbolic_sizes(self) -> bool:
+        """Whether the partial variant compiles with |S| as a symbol (``symbolic_sizes``)."""
+        return self.inner_backend == "inductor" if self.symbolic_sizes is None else self.symbolic_sizes
 
     @property
     def cache_torch_dtype(self) -> torch.dtype | None:

@@ -22,17 +22,19 @@ import torch.fx as fx
 from .branches import BranchState, BranchTable
 from .budget import CacheBudget, CachePlan
 from .compiled import CompiledVariant
+from .piecewise import PieceCompiler, SymbolicSizes, TensorSpec
 from .config import HetCacheConfig
 from .families import family_of
 from .fingerprint import FingerprintCache
 from .instances import CompiledFrom, InstanceTable
 from .layout import InputLayout
 from .masks import MaskSource
-from .passes import GraphAnalysis, StepOutputs, Variants, partial_arguments
+from .passes import GraphAnalysis, StepOutputs, Variants, partial_arguments, partial_sizes
+from .passes.graph_utils import placeholders
 from .passes.offload import wait_for_host_copies
 from .priors import TokenClasses
 from .schedule import StepKind, make_scheduler
-from .selection import complement, relevance, select_tokens
+from .selection import budget_size, complement, relevance, select_tokens
 from .sharding import RankGroup, local_rows, select_shard_tokens, shard_size
 from .stats import BranchStats
 
@@ -74,11 +76,22 @@ class HetCacheRuntime:
         self.family = family_of(gm)
         self.layout = InputLayout.of(gm, example_inputs, analysis, self.family)
         self.compiled_from = CompiledFrom(example_inputs)
-        self.full = CompiledVariant("full", variants.full, config)
-        self.record = CompiledVariant("record", variants.record, config) if variants.record is not None else None
-        self.reuse = CompiledVariant("reuse", variants.reuse, config)
-        self.partial = (CompiledVariant("partial", variants.partial, config, specialize_on=len(example_inputs))
-                        if variants.partial is not None else None)
+        self.compiler = PieceCompiler(config, stacks=tuple(stack for stack, _ in analysis.region.stacks))
+        background = config.compiles_in_background
+        self.full = CompiledVariant("full", variants.full, self.compiler, background=background)
+        self.record = (CompiledVariant("record", variants.record, self.compiler, background=background)
+                       if variants.record is not None else None)
+        self.reuse = CompiledVariant("reuse", variants.reuse, self.compiler, background=background)
+        self.partial = None
+        if variants.partial is not None:
+            added = [n.name for n in placeholders(variants.partial.graph)][len(example_inputs):]
+            dims = {len(example_inputs) + position: dims for position, dims in partial_sizes(added).items()}
+            ulysses = analysis.shards is not None and analysis.shards.scheme != "ring"
+            sizes = SymbolicSizes(dims, per_selected=analysis.shards.world if ulysses else 1)
+            self.partial = CompiledVariant("partial", variants.partial, self.compiler,
+                                           symbolic=sizes if config.compiles_symbolic_sizes else None,
+                                           static_sizes=sizes.dims, background=background,
+                                           max_shapes=config.max_shapes)
         self.partial_note = self.family.why(variants.partial_refused) if variants.partial_refused else None
         self.recompute = variants.recompute
         self.offload = variants.offload
@@ -108,6 +121,10 @@ class HetCacheRuntime:
                 lines.append(f"  {self.plan.describe()}")
         else:
             lines.append(f"  no partial variant: {self.partial_note}")
+        where = "in a background thread" if self.config.compiles_in_background else "at their first call"
+        lines.append(f"compilation ({self.config.inner_backend}, {where}, "
+                     f"{'block by block' if self.config.piecewise else 'whole graphs'}):")
+        lines += [f"  {variant.describe()}" for variant in self.variants()]
         return "\n".join(lines)
 
     # -- public surface used by api.py ------------------------------------------------------
@@ -124,8 +141,18 @@ class HetCacheRuntime:
     def calls(self, parameter_ids: set[int]) -> int:
         return sum(inst.calls for inst in self.instances.matching(parameter_ids))
 
+    def finish_compiling(self) -> None:
+        """Wait for the compile worker, then load what it compiled; what it failed to compile is compiled here
+        (and its reasons logged)."""
+        self.compiler.wait()
+        for error in self.compiler.errors():
+            logger.info("hetcache: the compile worker failed %s; compiled in this process instead", error)
+
     def reset(self, parameter_ids: set[int] | None = None) -> None:
-        """Forget the caches of the model owning ``parameter_ids`` (every model's with None)."""
+        """Forget the caches of the model owning ``parameter_ids``; with None every model's, and the graph is being
+        dropped (``torch._dynamo.reset()``): its background compilation stops after the piece in progress."""
+        if parameter_ids is None:
+            self.compiler.cancel()
         found = self.instances.values() if parameter_ids is None else self.instances.matching(parameter_ids)
         for instance in found:
             instance.branches.drop_all("reset")
@@ -196,7 +223,37 @@ class HetCacheRuntime:
             step = StepOutputs.of_record(self.record(*args), self.layout.num_outputs)
         state.store(step.residual, step.exit, step.caches, pending_selection=step.selection_inputs)
         state.selection = None
+        if self.config.compiles_in_background:
+            self._compile_ahead(state, args)
         return step.model
+
+    def _compile_ahead(self, state: BranchState, args: Sequence[object]) -> None:
+        """Queue the reuse and partial variants for the background compiler after the first full step, so that
+        they are compiled, or nearly, when the schedule first asks for them; for inputs shaped like this call's
+        (the partial variant's |S| and context rows are symbols; their hints are this run's expected sizes)."""
+        schedule = self.config.schedule
+        if self.reuse.general is None and schedule != "full" and (schedule == "adaptive" or "R" in schedule):
+            self.reuse.compile_ahead([*args, state.residual])
+        if self.partial is None or self.partial.general is not None or state.exit is None or not state.site_caches:
+            return
+        if state.classes is None or (schedule != "adaptive" and "P" not in schedule):
+            return
+        if self.config.prune == "attention":  # its caches hold every token: shaped as recorded
+            self.partial.compile_ahead([*args, *partial_arguments(
+                TensorSpec((max(2, state.classes.generative.numel()),), torch.int64, state.exit.device), state.exit,
+                None, state.site_caches, "attention")])
+            return
+        tokens = state.exit.shape[1]
+        selected = max(2, min(tokens - 2, self._tokens_a_rank(state, StepKind.PARTIAL) if self.ranks is not None
+                              else budget_size(state.classes, self.config.context_ratio, self.config.margin_ratio,
+                                               self.config.size_buckets)))
+        caches = [TensorSpec.like(cache, -2, cache.shape[-2] - selected * (cache.shape[-2] // tokens))
+                  for cache in state.site_caches]
+        context = tokens - selected
+        index = TensorSpec((selected,), torch.int64, state.exit.device)
+        context_index = TensorSpec((context,), torch.int64, state.exit.device)
+        extra = partial_arguments(index, state.exit, context_index, caches, self.config.prune, self.recompute)
+        self.partial.compile_ahead([*args, *extra])
 
     def _partial_step(self, state: BranchState, args: Sequence[object]) -> tuple:
         if state.pending_selection is not None:  # chosen lazily: runs that never go partial skip it

@@ -36,6 +36,9 @@ class HetCacheStats:
     call no rewritten graph served is full); ``calls`` counts model calls and ``graph_calls`` the
     calls of its graphs (more when graph breaks split the model); ``branches`` has the per-branch
     detail; ``compile_seconds`` maps variant name to the seconds its inner compilation took;
+    ``compile_counts`` its compilations, ``compiled_pieces`` the pieces the inner compiler compiled
+    for it (a stack of identical blocks is one piece) and ``cache_hits`` how many of those Inductor's FX
+    graph cache served (a warm start compiles nothing: every piece a hit);
     ``fallback_reasons`` lists why graphs were left to plain Inductor (empty when every graph was
     rewritten); ``cache_bytes`` is what the branches keep on the model's device now, and
     ``host_cache_bytes`` what they keep in host memory (``cache_device="cpu"``).
@@ -45,6 +48,8 @@ class HetCacheStats:
     branches: dict[str, BranchStats] = field(default_factory=dict)
     compile_seconds: dict[str, float] = field(default_factory=dict)
     compile_counts: dict[str, int] = field(default_factory=dict)
+    compiled_pieces: dict[str, int] = field(default_factory=dict)
+    cache_hits: dict[str, int] = field(default_factory=dict)
     cache_bytes: int = 0
     host_cache_bytes: int = 0
     fallback_reasons: list[str] = field(default_factory=list)
@@ -89,6 +94,10 @@ class HetCacheStats:
             text += f", {self.graphs} graphs ({self.graph_calls} graph calls)"
         if self.token_fraction is not None:
             text += f", partial steps computed {100 * self.token_fraction:.0f}% of tokens"
+        if self.compile_seconds:
+            hits = sum(self.cache_hits.values())
+            text += (f", compiled {sum(self.compiled_pieces.values())} pieces in {sum(self.compile_seconds.values()):.1f} s"
+                     + (f" ({hits} from Inductor's cache)" if hits else ""))
         if self.fallback_reasons:
             text += f"; fell back: {self.fallback_reasons[0]}"
         return text

@@ -14,7 +14,7 @@ from .reuse import build_reuse_variant
 from .specialize import is_symbolic, specialization_key, specialize_shapes
 from .token_axis import check_token_local, find_token_inputs
 from .token_region import TokenRegion, find_token_region
-from .variant_io import RESIDUAL_INPUT, StepOutputs, partial_arguments, partial_input_names
+from .variant_io import RESIDUAL_INPUT, StepOutputs, partial_arguments, partial_input_names, partial_sizes
 
 __all__ = [
     "AttentionSite",
@@ -40,6 +40,7 @@ __all__ = [
     "is_symbolic",
     "partial_arguments",
     "partial_input_names",
+    "partial_sizes",
     "specialization_key",
     "specialize_shapes",
 ]

@@ -8,6 +8,11 @@ class RewriteRefused(Exception):
     """
 
 
+class NoBlockStack(RewriteRefused):
+    """The graph holds attention but no stack of repeated blocks: one block (diffusers' regional compilation
+    compiles each block as a graph of its own), or a fragment of the model that a graph break cut off."""
+
+
 class ShardingRefused(RewriteRefused):
     """A whole sharded graph (context parallelism) whose layout the variants cannot serve: the reason is the
     layout's, not a graph split by graph breaks."""

@@ -200,7 +200,7 @@ def analyze(gm: fx.GraphModule, example_inputs: Sequence[object], hints: GraphHi
     if not any(site.kind == "self" for site in sites):
         raise RewriteRefused("no self-attention found in the graph (scaled_dot_product_attention whose keys come "
                              "from the inputs its queries come from); hetcache rewrites transformer block stacks")
-    region = run_pass("token_region", find_token_region, gm, user_inputs)
+    region = run_pass("token_region", find_token_region, gm, user_inputs, [site.block for site in sites])
     shards = run_pass("shards", find_shards, gm, region)
     if shards is not None and shards.scheme == "ring":
         sites = run_pass("ring_sites", with_ring_sites, gm, sites, shards.world)

@@ -13,12 +13,13 @@ after it, and the main token stream must enter it as a single tensor shaped like
 from __future__ import annotations
 
 import operator
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
-from .errors import RewriteRefused
+from .errors import NoBlockStack, RewriteRefused
 from .graph_utils import ancestors, describe, owning_block, split_block_path, tensor_shape
 
 _ADD_TARGETS = (operator.add, torch.add, operator.iadd)
@@ -82,12 +83,21 @@ def _depends_on_region(node: fx.Node, region: set[fx.Node]) -> bool:
     return any(arg in region for arg in node.all_input_nodes)
 
 
-def find_token_region(gm: fx.GraphModule, user_inputs: set[str] | None = None) -> TokenRegion:
+def find_token_region(gm: fx.GraphModule, user_inputs: set[str] | None = None,
+                      attention_blocks: Iterable[str | None] | None = None) -> TokenRegion:
+    """``attention_blocks``: the blocks attention sites lie in; only stacks holding one count (a ``ffn.net.0`` of
+    a feed-forward network or a ``time_embedding.0`` of an ``nn.Sequential`` is no block stack)."""
     nodes = list(gm.graph.nodes)
     position = {n: i for i, n in enumerate(nodes)}
-    block_nodes = [n for n in nodes if _in_block(n) and n.op != "placeholder"]
+    with_attention = (None if attention_blocks is None
+                      else {split_block_path(block)[0] for block in attention_blocks if block is not None})
+
+    def in_stack(node: fx.Node) -> bool:
+        return _in_block(node) and (with_attention is None or split_block_path(owning_block(node))[0] in with_attention)
+
+    block_nodes = [n for n in nodes if in_stack(n) and n.op != "placeholder"]
     if not block_nodes:
-        raise RewriteRefused("no repeated transformer blocks ('<stack>.<index>' modules) in the graph")
+        raise NoBlockStack("no repeated transformer blocks ('<stack>.<index>' modules) in the graph")
 
     stacks: dict[str, set[int]] = {}
     for node in block_nodes:
@@ -100,10 +110,10 @@ def find_token_region(gm: fx.GraphModule, user_inputs: set[str] | None = None) -
     start, stop = position[block_nodes[0]], position[exit_node]
     region: set[fx.Node] = set()
     for node in nodes[start : stop + 1]:
-        if _in_block(node) or _depends_on_region(node, region):
+        if in_stack(node) or _depends_on_region(node, region):
             region.add(node)
     # the last block may go on after the exit on a stream nothing reads (CogVideoX's text stream)
-    region.update(node for node in nodes[stop + 1:] if owning_block(node) is not None and node.op != "placeholder")
+    region.update(node for node in nodes[stop + 1:] if in_stack(node) and node.op != "placeholder")
 
     for node in region:
         if node is exit_node:

@@ -25,6 +25,8 @@ query and key are the relevance site's, for token selection.
 (('sample',), ('k0', 'v0'), ('query', 'key'))
 >>> partial_input_names(1, recompute=True)
 ['hetcache_index', 'hetcache_exit_cache', 'hetcache_context_index', 'hetcache_x0']
+>>> partial_sizes(partial_input_names(1, recompute=True))
+{0: {0: 'selected'}, 2: {0: 'context'}, 3: {-2: 'context'}}
 """
 
 from __future__ import annotations
@@ -54,6 +56,25 @@ def partial_input_names(num_sites: int, prune: str = "block", codec: CacheCodec 
     for j in range(num_sites):
         names += codec.names(f"hetcache_k{j}") + codec.names(f"hetcache_v{j}")
     return names
+
+
+def partial_sizes(names: Sequence[str]) -> dict[int, dict[int, str]]:
+    """Which sizes of the partial variant's added inputs ``names`` change with the mask: position among
+    ``names`` -> {dim: ``"selected"`` (|S|) or ``"context"`` (the context rows the caches hold)}. The context
+    caches hold their token rows in dim -2 (keys and values as attention reads them, their projection
+    input, float8 scales); ``prune="attention"``'s caches hold every token."""
+    sizes: dict[int, dict[int, str]] = {}
+    for position, name in enumerate(names):
+        if name == INDEX_INPUT:
+            sizes[position] = {0: "selected"}
+        elif name == CONTEXT_INDEX_INPUT:
+            sizes[position] = {0: "context"}
+        elif name.startswith(CONTEXT_CACHE_PREFIXES):
+            sizes[position] = {-2: "context"}
+    return sizes
+
+
+CONTEXT_CACHE_PREFIXES = ("hetcache_k", "hetcache_v", "hetcache_x")
 
 
 def partial_arguments(index: object, exit: object, context: object, caches: Sequence[object], prune: str = "block",

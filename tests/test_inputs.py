@@ -71,7 +71,7 @@ def test_bad_options_raise_value_error_at_the_first_call(transformer, inputs):
 
 
 def test_inductor_mode_is_taken_and_cuda_graph_modes_are_refused(transformer, inputs):
-    from hetcache_compile.compiled import inner_compiler
+    from hetcache_compile.compile_jobs import inner_compiler
 
     config = hc.HetCacheConfig.from_options(None, mode="max-autotune-no-cudagraphs")
     assert config.mode == "max-autotune-no-cudagraphs"

@@ -127,9 +127,8 @@ def test_batch_with_per_sample_masks_uses_their_union(transformer):
     torch.testing.assert_close(partial, full, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("size_buckets, fractions, compiles", [(0, [3 / 48, 12 / 48], 2), (4, [12 / 48, 12 / 48], 1)])
-def test_a_new_video_with_another_mask_reuses_the_partial_variant_of_its_size_bucket(transformer, size_buckets,
-                                                                                      fractions, compiles):
+@pytest.mark.parametrize("size_buckets, fractions", [(0, [3 / 48, 12 / 48]), (4, [12 / 48, 12 / 48])])
+def test_a_new_video_with_another_mask_reuses_the_symbolic_partial_variant(transformer, size_buckets, fractions):
     compiled = compile_hetcache(transformer, schedule="FP", margin_radius=0, context_ratio=0.0,
                                 size_buckets=size_buckets)
     for box in ((0, 2, 0, 2), (0, 4, 0, 4)):  # 3 then 12 generative tokens per video
@@ -140,7 +139,7 @@ def test_a_new_video_with_another_mask_reuses_the_partial_variant_of_its_size_bu
         torch.testing.assert_close(out, run(transformer, inputs), rtol=1e-4, atol=1e-4)
     stats = hc.stats(transformer)
     assert stats.branches["cond"].token_fractions == fractions  # buckets of 12 tokens: 3 rounds up to 12
-    assert stats.compile_counts["partial"] == compiles
+    assert stats.compile_counts["partial"] == 1  # |S| is a symbol: a new mask compiles nothing
 
 
 @pytest.mark.parametrize("prune", ["block", "attention"])
