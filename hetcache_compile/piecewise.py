@@ -93,11 +93,13 @@ class CompileReport:
     compiled: int = 0  # pieces compiled for this graph so far (cache hits included)
     cache_hits: int = 0  # of those, loaded from Inductor's FX graph cache
     seconds: float = 0.0  # spent compiling them, here or in the compile worker
+    load_seconds: float = 0.0  # spent here loading what the compile worker compiled
 
     def describe(self) -> str:
         hits = f", {self.cache_hits} of them from Inductor's cache" if self.cache_hits else ""
+        loads = f" (loaded here in {self.load_seconds:.1f} s)" if self.load_seconds else ""
         return (f"{self.pieces} pieces ({self.distinct} distinct, {self.shared} shared): {self.compiled} compiled "
-                f"in {self.seconds:.1f} s{hits}")
+                f"in {self.seconds:.1f} s{hits}{loads}")
 
 
 class PieceSlot:
@@ -131,11 +133,12 @@ class PieceSlot:
             logger.info("hetcache: %s was not in Inductor's cache after the compile worker compiled it (%s); "
                         "compiled here in %.1f s", self.name, self.ticket.error or "a different key", compiled.seconds)
         self.compiled, self.fn = compiled, compiled.fn
-        if self.report is not None:
-            worker_seconds = self.ticket.seconds if self.ticket is not None else 0.0
+        if self.report is not None:  # the worker's compilation, where it did one (this one is then a load)
+            by_worker = self.ticket is not None and self.ticket.error is None
             self.report.compiled += 1
-            self.report.cache_hits += bool((self.ticket is not None and self.ticket.cache_hit) or compiled.cache_hit)
-            self.report.seconds += worker_seconds + compiled.seconds
+            self.report.cache_hits += self.ticket.cache_hit if by_worker else compiled.cache_hit
+            self.report.seconds += self.ticket.seconds if by_worker else compiled.seconds
+            self.report.load_seconds += compiled.seconds if by_worker else 0.0
 
     def ready(self) -> bool:
         """Compiled, or compiled by the worker and waiting to be loaded."""
